@@ -1,0 +1,58 @@
+"""oncely: every unsafe request takes effect once.
+
+from oncely import scope_from_header
+from oncely.asgi import IdempotencyMiddleware
+
+app = IdempotencyMiddleware(app, store="sqlite:oncely.db", scope=scope_from_header("X-Tenant-Id"))
+"""
+
+from ._codec import Claimed, Existing, Record, State, StoredResponse
+from ._config import Request, Route, Scope, scope_from_header, scope_from_principal, single_tenant
+from ._errors import (
+    ConfigurationError,
+    KeyInFlight,
+    KeyReused,
+    MalformedKey,
+    MissingKey,
+    MissingScope,
+    OncelyError,
+    ProblemError,
+    RequestTooLarge,
+    ResponseNotReplayable,
+    StoreUnavailable,
+)
+from ._fingerprint import fingerprint
+from ._keys import parse_key, storage_key
+from .stores import AsyncStore, open_store
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncStore",
+    "Claimed",
+    "ConfigurationError",
+    "Existing",
+    "KeyInFlight",
+    "KeyReused",
+    "MalformedKey",
+    "MissingKey",
+    "MissingScope",
+    "OncelyError",
+    "ProblemError",
+    "Record",
+    "Request",
+    "RequestTooLarge",
+    "ResponseNotReplayable",
+    "Route",
+    "Scope",
+    "State",
+    "StoreUnavailable",
+    "StoredResponse",
+    "fingerprint",
+    "open_store",
+    "parse_key",
+    "scope_from_header",
+    "scope_from_principal",
+    "single_tenant",
+    "storage_key",
+]

@@ -1,0 +1,129 @@
+"""Request fingerprints: did this key come back with the same request?
+
+fingerprint = hash(version, method, path, normalized query, media type, canonical body)
+
+- JSON bodies (``application/json``, ``*/*+json``) are canonicalized in the spirit of RFC 8785:
+  object keys sorted, no insignificant whitespace, numbers by value (``1``, ``1.0`` and ``1e0``
+  are one number), strings by their characters (``"\\u00e9"`` and ``"é"`` agree).
+- Form bodies (``application/x-www-form-urlencoded``) become their sorted, decoded pairs.
+- Any other body is taken as bytes. A body that claims JSON but does not parse is taken as bytes.
+- Chosen fields (``ignore_fields``, dotted paths for nested JSON objects) are left out.
+
+The result is ``"v1:" + sha256 hex``; the version changes whenever the canonical form does, so a
+stored fingerprint is never compared with one made by other rules by mistake.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from urllib.parse import parse_qsl, urlencode
+
+__all__ = ["FINGERPRINT_VERSION", "canonical_json", "fingerprint", "normalize_query"]
+
+FINGERPRINT_VERSION = "v1"
+
+
+def media_type(content_type: str | None) -> str:
+    if not content_type:
+        return ""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def _is_json(mt: str) -> bool:
+    return mt == "application/json" or mt.endswith("+json")
+
+
+def normalize_query(query: str) -> str:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return urlencode(sorted(pairs))
+
+
+def _number(value: float) -> object:
+    # RFC 8785 compares numbers as IEEE doubles: 1 == 1.0 == 1e0.
+    if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def _normalize(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _normalize(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normalize(v) for v in value]
+    if isinstance(value, float):
+        return _number(value)
+    return value
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def canonical_json(body: bytes) -> bytes | None:
+    """The canonical form of a JSON document, or None when it is not JSON."""
+    try:
+        value = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    return _dump(_normalize(value))
+
+
+def _dump(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def _drop_path(value: object, path: list[str]) -> None:
+    if not isinstance(value, dict) or not path:
+        return
+    head, rest = path[0], path[1:]
+    if not rest:
+        value.pop(head, None)
+    else:
+        _drop_path(value.get(head), rest)
+
+
+def _canonical_body(mt: str, body: bytes, ignore: tuple[str, ...]) -> tuple[str, bytes]:
+    if not body:
+        return "empty", b""
+    if _is_json(mt):
+        try:
+            value = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return "bytes", body
+        value = _normalize(value)
+        for field in ignore:
+            _drop_path(value, field.split("."))
+        return "json", _dump(value)
+    if mt == "application/x-www-form-urlencoded":
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes", body
+        pairs = [(k, v) for k, v in parse_qsl(text, keep_blank_values=True) if k not in ignore]
+        return "form", _dump(sorted(pairs))
+    return "bytes", body
+
+
+def fingerprint(
+    method: str,
+    path: str,
+    query: str,
+    content_type: str | None,
+    body: bytes,
+    ignore_fields: Iterable[str] = (),
+) -> str:
+    """The versioned fingerprint of a request; equal for requests that mean the same."""
+    kind, canonical = _canonical_body(media_type(content_type), body, tuple(ignore_fields))
+    h = hashlib.sha256()
+    for part in (FINGERPRINT_VERSION, method.upper(), path, normalize_query(query), kind):
+        encoded = part.encode("utf-8", "surrogatepass")
+        h.update(len(encoded).to_bytes(4, "big"))
+        h.update(encoded)
+    h.update(len(canonical).to_bytes(8, "big"))
+    h.update(canonical)
+    return f"{FINGERPRINT_VERSION}:{h.hexdigest()}"

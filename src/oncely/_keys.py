@@ -1,0 +1,85 @@
+"""Idempotency keys: parsing the header, and the storage key.
+
+The header value is either the IETF draft's Structured Field string (``"8e03978e-..."``,
+RFC 8941 sf-string) or Stripe's bare token. Either way the key itself must be 1-255 visible
+ASCII characters (``%x21-7E``). The raw key is never stored: the storage key is a hash of the
+tenant scope and the key, so two tenants' identical keys never meet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ._errors import MalformedKey
+
+__all__ = ["MAX_KEY_LENGTH", "parse_key", "storage_key"]
+
+MAX_KEY_LENGTH = 255
+
+
+def _visible(text: str) -> bool:
+    return all("\x21" <= ch <= "\x7e" for ch in text)
+
+
+def _unquote_sf_string(value: str) -> str:
+    # RFC 8941 section 4.2.5: DQUOTE *( unescaped / "\" ( DQUOTE / "\" ) ) DQUOTE,
+    # unescaped being %x20-21 / %x23-5B / %x5D-7E.
+    out: list[str] = []
+    i = 1
+    end = len(value) - 1
+    while i < end:
+        ch = value[i]
+        if ch == "\\":
+            if i + 1 >= end or value[i + 1] not in '"\\':
+                raise MalformedKey(_detail("it has a backslash that escapes nothing"))
+            out.append(value[i + 1])
+            i += 2
+            continue
+        if ch == '"':
+            raise MalformedKey(_detail("it has an unescaped quote inside the string"))
+        if not "\x20" <= ch <= "\x7e":
+            raise MalformedKey(_detail("it has a character that is not visible ASCII"))
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def _detail(why: str) -> str:
+    return (
+        f"The Idempotency-Key header is malformed: {why}. Send a unique value of 1-"
+        f"{MAX_KEY_LENGTH} visible ASCII characters, as a bare token or a quoted string "
+        'such as "8e03978e-40d5-43e8-bc93-6894a57f9324".'
+    )
+
+
+def parse_key(raw: bytes | str) -> str:
+    """The key in an ``Idempotency-Key`` header value, or :class:`MalformedKey`."""
+    if isinstance(raw, bytes):
+        try:
+            value = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise MalformedKey(_detail("it is not ASCII")) from None
+    else:
+        value = raw
+    value = value.strip(" \t")
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        key = _unquote_sf_string(value)
+    else:
+        key = value
+    if not key:
+        raise MalformedKey(_detail("it is empty"))
+    if len(key) > MAX_KEY_LENGTH:
+        raise MalformedKey(_detail(f"it is {len(key)} characters long"))
+    if not _visible(key):
+        raise MalformedKey(_detail("it has a space, a control or a non-ASCII character"))
+    return key
+
+
+def storage_key(scope: str, key: str, namespace: str = "") -> str:
+    """The key a store keeps: a hash of (namespace, scope, key), never the raw key."""
+    h = hashlib.sha256()
+    for part in (namespace, scope, key):
+        encoded = part.encode("utf-8", "surrogatepass")
+        h.update(len(encoded).to_bytes(4, "big"))
+        h.update(encoded)
+    return h.hexdigest()

@@ -1,0 +1,310 @@
+"""The embedded default: one SQLite file, safe for many processes on one host.
+
+- WAL journal, so readers never wait for the writer; ``busy_timeout`` so concurrent writers from
+  other processes queue instead of failing; ``synchronous=NORMAL`` by default (durable across a
+  process crash; pass ``synchronous="FULL"`` to survive power loss too).
+- ``claim`` is ONE statement: an UPSERT whose every column is a CASE over the old row, returning
+  the row. The caller owns the key exactly when the returned token is the one it proposed.
+- ``complete``, ``release`` and ``renew`` are single UPDATE/DELETE statements guarded by the
+  fencing token.
+- Statements run on one worker thread per store, so the event loop never waits on the file lock.
+  Time is the host's clock (``clock``, injectable for tests): every process on the host shares it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .._codec import (
+    Claimed,
+    Existing,
+    Record,
+    State,
+    StoredResponse,
+    decode_response,
+    encode_response,
+)
+from .._errors import ConfigurationError, StoreUnavailable
+from ._rules import ABANDONED_RETENTION, new_token
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+_COLUMNS = (
+    "key, fingerprint, state, token, attempt, lease_until, expires_at, forget_at, response, phases"
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table} (
+    key         TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    token       TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    lease_until REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    forget_at   REAL NOT NULL,
+    response    BLOB,
+    phases      TEXT NOT NULL DEFAULT '[]'
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS {table}_forget_at ON {table} (forget_at);
+"""
+
+# The claim rule of stores/_rules.py in one statement. In DO UPDATE, bare column names are the
+# old row and excluded.* the proposed one; every CASE sees the old row.
+#   fresh:    the old record is past forget_at: start over (attempt 1, no recovery points)
+#   takeover: in flight, lease expired, same fingerprint: new token, attempt + 1, phases kept
+_CLAIM = """
+INSERT INTO {table} ({columns})
+VALUES (:key, :fp, 'in_flight', :token, 1, :lease_until, :lease_until, :forget_at, NULL, '[]')
+ON CONFLICT (key) DO UPDATE SET
+    fingerprint = CASE WHEN {fresh} THEN excluded.fingerprint ELSE fingerprint END,
+    state       = CASE WHEN {win} THEN 'in_flight' ELSE state END,
+    attempt     = CASE WHEN {fresh} THEN 1 WHEN {takeover} THEN attempt + 1 ELSE attempt END,
+    response    = CASE WHEN {win} THEN NULL ELSE response END,
+    phases      = CASE WHEN {fresh} THEN '[]' ELSE phases END,
+    lease_until = CASE WHEN {win} THEN excluded.lease_until ELSE lease_until END,
+    expires_at  = CASE WHEN {win} THEN excluded.expires_at ELSE expires_at END,
+    forget_at   = CASE WHEN {win} THEN excluded.forget_at ELSE forget_at END,
+    token       = CASE WHEN {win} THEN excluded.token ELSE token END
+RETURNING {columns}
+"""
+_FRESH = "(forget_at <= :now)"
+_TAKEOVER = "(state = 'in_flight' AND lease_until <= :now AND fingerprint = excluded.fingerprint)"
+
+
+def _claim_sql(table: str) -> str:
+    return _CLAIM.format(
+        table=table,
+        columns=_COLUMNS,
+        fresh=_FRESH,
+        takeover=_TAKEOVER,
+        win=f"({_FRESH} OR {_TAKEOVER})",
+    )
+
+
+def _record(row: tuple[Any, ...]) -> Record:
+    key, fp, state, token, attempt, lease_until, expires_at, forget_at, response, phases = row
+    return Record(
+        key=key,
+        fingerprint=fp,
+        state=State(state),
+        token=token,
+        attempt=attempt,
+        lease_until=lease_until,
+        expires_at=expires_at,
+        forget_at=forget_at,
+        response=None if response is None else decode_response(bytes(response)),
+        phases=tuple((str(n), str(d)) for n, d in json.loads(phases)),
+    )
+
+
+def _path_of(url: str) -> str:
+    rest = url.split(":", 1)[1]
+    if rest.startswith("///"):
+        rest = rest[2:]  # sqlite:///abs/path.db -> /abs/path.db
+    elif rest.startswith("//"):
+        rest = rest[2:]  # sqlite://relative.db
+    if not rest:
+        raise ConfigurationError("a sqlite: store URL needs a file: 'sqlite:oncely.db'")
+    return rest
+
+
+class SQLiteStore:
+    """Idempotency records in a SQLite file (``sqlite:PATH``)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        table: str = "oncely_records",
+        clock: Callable[[], float] = time.time,
+        busy_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+    ) -> None:
+        if not table.isidentifier():
+            raise ConfigurationError(f"table name {table!r} is not a plain SQL identifier")
+        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ConfigurationError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+        self.path = str(path)
+        self.table = table
+        self._clock = clock
+        self._busy_ms = int(busy_timeout * 1000)
+        self._synchronous = synchronous.upper()
+        self._claim_sql = _claim_sql(table)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncely-sqlite")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteStore:
+        return cls(_path_of(url), **options)
+
+    # The synchronous core: each method runs on the worker thread (or, later, a WSGI thread).
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                timeout=self._busy_ms / 1000,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.executescript(_SCHEMA.format(table=self.table))
+            self._local.conn = conn
+            self._connections.append(conn)
+        return conn
+
+    def claim_sync(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+        now = self._clock()
+        token = new_token()
+        lease_until = now + lease
+        row = (
+            self._conn()
+            .execute(
+                self._claim_sql,
+                {
+                    "key": key,
+                    "fp": fingerprint,
+                    "token": token,
+                    "lease_until": lease_until,
+                    "forget_at": lease_until + ABANDONED_RETENTION,
+                    "now": now,
+                },
+            )
+            .fetchone()
+        )
+        record = _record(row)
+        if record.token != token:
+            return Existing(record, now)
+        return Claimed(
+            key=key,
+            fingerprint=fingerprint,
+            token=token,
+            attempt=record.attempt,
+            lease_until=lease_until,
+            phases=record.phases,
+        )
+
+    def complete_sync(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        now = self._clock()
+        cur = self._conn().execute(
+            f"UPDATE {self.table} SET state = 'completed', response = ?, expires_at = ?, "
+            "forget_at = ? WHERE key = ? AND token = ? AND state = 'in_flight'",
+            (
+                encode_response(response),
+                now + ttl,
+                now + ttl + tombstone_ttl,
+                claim.key,
+                claim.token,
+            ),
+        )
+        return cur.rowcount == 1
+
+    def release_sync(self, claim: Claimed) -> bool:
+        conn = self._conn()
+        cur = conn.execute(
+            f"DELETE FROM {self.table} WHERE key = ? AND token = ? AND state = 'in_flight' "
+            "AND phases = '[]'",
+            (claim.key, claim.token),
+        )
+        if cur.rowcount == 1:
+            return True
+        # Recovery points were recorded: keep them, expire the lease so a retry takes over.
+        now = self._clock()
+        cur = conn.execute(
+            f"UPDATE {self.table} SET lease_until = ?, expires_at = ? "
+            "WHERE key = ? AND token = ? AND state = 'in_flight'",
+            (now, now, claim.key, claim.token),
+        )
+        return cur.rowcount == 1
+
+    def renew_sync(self, claim: Claimed, *, lease: float) -> bool:
+        lease_until = self._clock() + lease
+        cur = self._conn().execute(
+            f"UPDATE {self.table} SET lease_until = ?, expires_at = ?, "
+            "forget_at = max(forget_at, ?) WHERE key = ? AND token = ? AND state = 'in_flight'",
+            (lease_until, lease_until, lease_until, claim.key, claim.token),
+        )
+        return cur.rowcount == 1
+
+    def get_sync(self, key: str) -> Record | None:
+        row = (
+            self._conn()
+            .execute(f"SELECT {_COLUMNS} FROM {self.table} WHERE key = ?", (key,))
+            .fetchone()
+        )
+        return None if row is None else _record(row)
+
+    def purge_sync(self, *, limit: int = 1000) -> int:
+        now = self._clock()
+        conn = self._conn()
+        cur = conn.execute(
+            f"DELETE FROM {self.table} WHERE key IN "
+            f"(SELECT key FROM {self.table} WHERE forget_at <= ? LIMIT ?)",
+            (now, limit),
+        )
+        deleted = cur.rowcount
+        # Past the replay window a completed record keeps only its fingerprint (a tombstone).
+        conn.execute(
+            f"UPDATE {self.table} SET response = NULL WHERE key IN (SELECT key FROM {self.table} "
+            "WHERE state = 'completed' AND expires_at <= ? AND response IS NOT NULL LIMIT ?)",
+            (now, limit),
+        )
+        return deleted
+
+    def close(self) -> None:
+        for conn in self._connections:
+            conn.close()
+        self._connections.clear()
+        self._local = threading.local()
+
+    # The async surface: the same statements on the worker thread.
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r} failed: {exc}") from exc
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+        return await self._run(self.claim_sync, key, fingerprint, lease=lease)
+
+    async def complete(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        return await self._run(
+            self.complete_sync, claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl
+        )
+
+    async def release(self, claim: Claimed) -> bool:
+        return await self._run(self.release_sync, claim)
+
+    async def renew(self, claim: Claimed, *, lease: float) -> bool:
+        return await self._run(self.renew_sync, claim, lease=lease)
+
+    async def get(self, key: str) -> Record | None:
+        return await self._run(self.get_sync, key)
+
+    async def purge(self, *, limit: int = 1000) -> int:
+        return await self._run(self.purge_sync, limit=limit)
+
+    async def aclose(self) -> None:
+        await self._run(self.close)
+        self._executor.shutdown(wait=False)
