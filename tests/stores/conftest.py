@@ -19,6 +19,8 @@ from oncely.stores.memory import MemoryStore
 from oncely.stores.sqlite import SQLiteStore
 
 from ..conftest import Clock
+from .backend_postgres import postgres_backend
+from .backend_redis import redis_backend
 
 
 @dataclass
@@ -45,6 +47,8 @@ async def _sqlite(tmp_path: Path) -> AsyncIterator[Backend]:
 BACKENDS: dict[str, Callable[[Path], AsyncIterator[Backend]]] = {
     "memory": _memory,
     "sqlite": _sqlite,
+    "postgres": postgres_backend,
+    "redis": redis_backend,
 }
 
 

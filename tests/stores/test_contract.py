@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 
+import pytest
+
 from oncely import Claimed, Existing, State, StoredResponse
 from oncely._flow import Policy, refusal_for
 from oncely._flow import Refuse as RefuseOutcome
@@ -245,3 +247,62 @@ async def test_purge_respects_its_limit(backend: Backend) -> None:
 
 async def test_get_of_an_unknown_key_is_none(backend: Backend) -> None:
     assert await backend.store.get(new_key()) is None
+
+
+async def test_recovery_points_survive_release_and_pass_to_the_next_attempt(
+    backend: Backend,
+) -> None:
+    key = new_key()
+    first = await claim(backend, key)
+    assert await backend.store.record_phase(first, "created", '{"id":"pay_1"}')
+    assert await backend.store.record_phase(first, "charged", '{"ok":true}')
+    assert await backend.store.release(first)
+    kept = await backend.store.get(key)
+    assert kept is not None
+    assert kept.state is State.IN_FLIGHT
+    assert kept.phases == (("created", '{"id":"pay_1"}'), ("charged", '{"ok":true}'))
+    resumed = await claim(backend, key)
+    assert resumed.attempt == 2
+    assert resumed.phases == kept.phases
+
+
+async def test_recovery_points_pass_to_a_takeover_and_a_zombie_cannot_add_any(
+    backend: Backend,
+) -> None:
+    key = new_key()
+    zombie = await claim(backend, key, lease=10)
+    assert await backend.store.record_phase(zombie, "created", '{"id":1}')
+    backend.advance(11)
+    owner = await claim(backend, key, lease=10)
+    assert owner.phases == (("created", '{"id":1}'),)
+    assert not await backend.store.record_phase(zombie, "charged", "{}")
+    record = await backend.store.get(key)
+    assert record is not None
+    assert record.phases == (("created", '{"id":1}'),)
+
+
+async def test_a_forgotten_record_starts_over_without_recovery_points(backend: Backend) -> None:
+    key = new_key()
+    first = await claim(backend, key)
+    assert await backend.store.record_phase(first, "created", "{}")
+    assert await backend.store.complete(first, response(), ttl=10, tombstone_ttl=10)
+    assert not await backend.store.record_phase(first, "late", "{}")
+    backend.advance(25)
+    fresh = await claim(backend, key, OTHER_FP)
+    assert fresh.attempt == 1
+    assert fresh.phases == ()
+
+
+async def test_renewal_extends_the_retention_of_an_abandoned_record(backend: Backend) -> None:
+    key = new_key()
+    won = await claim(backend, key, lease=10)
+    before = await backend.store.get(key)
+    assert before is not None
+    backend.advance(5)
+    assert await backend.store.renew(won, lease=10)
+    after = await backend.store.get(key)
+    assert after is not None
+    assert after.forget_at > before.forget_at
+    assert after.forget_at - after.lease_until == pytest.approx(
+        before.forget_at - before.lease_until
+    )

@@ -52,6 +52,14 @@ class AsyncStore(Protocol):
         """Free the key so a retry runs again. False when ``claim`` no longer owns it."""
         ...
 
+    async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
+        """Append recovery point (``name``, ``data`` JSON text) to the key ``claim`` owns.
+
+        False, and nothing written, when ``claim`` no longer owns the key. Recovery points
+        survive ``release`` and a takeover, and are handed to the next claim of the request.
+        """
+        ...
+
     async def renew(self, claim: Claimed, *, lease: float) -> bool:
         """Extend the lease to now + ``lease``. False when ``claim`` no longer owns the key."""
         ...

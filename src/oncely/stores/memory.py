@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from .._codec import Claimed, Existing, Record, State, StoredResponse
-from ._rules import claim_rule
+from ._rules import ABANDONED_RETENTION, claim_rule
 
 __all__ = ["MemoryStore"]
 
@@ -76,6 +76,17 @@ class MemoryStore:
                 del self._records[claim.key]
             return True
 
+    async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
+        """Append recovery point (name, data JSON) while ``claim`` owns the key."""
+        with self._lock:
+            record = self._owned(claim)
+            if record is None:
+                return False
+            self._records[claim.key] = dataclasses.replace(
+                record, phases=(*record.phases, (name, data))
+            )
+            return True
+
     async def renew(self, claim: Claimed, *, lease: float) -> bool:
         with self._lock:
             record = self._owned(claim)
@@ -86,7 +97,7 @@ class MemoryStore:
                 record,
                 lease_until=lease_until,
                 expires_at=lease_until,
-                forget_at=max(record.forget_at, lease_until),
+                forget_at=max(record.forget_at, lease_until + ABANDONED_RETENTION),
             )
             return True
 

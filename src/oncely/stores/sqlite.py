@@ -120,7 +120,13 @@ def _path_of(url: str) -> str:
 
 
 class SQLiteStore:
-    """Idempotency records in a SQLite file (``sqlite:PATH``)."""
+    """Idempotency records in a SQLite file (``sqlite:PATH``).
+
+    Also a :class:`oncely.TransactionalStore`: recovery points and the response can be written
+    by the handler's own ``sqlite3`` connection to the same file, inside its transaction.
+    """
+
+    dialect = "sqlite"
 
     def __init__(
         self,
@@ -160,13 +166,34 @@ class SQLiteStore:
                 timeout=self._busy_ms / 1000,
                 check_same_thread=False,
             )
-            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-            conn.executescript(_SCHEMA.format(table=self.table))
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+                self._enable_wal(conn)
+                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+                conn.executescript(_SCHEMA.format(table=self.table))
+            except BaseException:
+                conn.close()
+                raise
             self._local.conn = conn
             self._connections.append(conn)
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection) -> None:
+        """Switch to WAL, waiting out other processes doing the same.
+
+        SQLite does not call the busy handler for a journal mode change, so two processes opening
+        a new file at once would otherwise see "database is locked" right away.
+        """
+        deadline = time.monotonic() + self._busy_ms / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+                if not busy or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.005)
 
     def claim_sync(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
         now = self._clock()
@@ -199,22 +226,42 @@ class SQLiteStore:
             phases=record.phases,
         )
 
+    def complete_statement(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> tuple[str, dict[str, Any]]:
+        """The completing UPDATE, for this store or for a handler's own transaction."""
+        now = self._clock()
+        sql = (
+            f"UPDATE {self.table} SET state = 'completed', response = :response, "
+            "expires_at = :expires_at, forget_at = :forget_at "
+            "WHERE key = :key AND token = :token AND state = 'in_flight'"
+        )
+        return sql, {
+            "response": encode_response(response),
+            "expires_at": now + ttl,
+            "forget_at": now + ttl + tombstone_ttl,
+            "key": claim.key,
+            "token": claim.token,
+        }
+
+    def phase_statement(self, claim: Claimed, name: str, data: str) -> tuple[str, dict[str, Any]]:
+        """The UPDATE that appends recovery point (name, data JSON) while ``claim`` owns the key."""
+        sql = (
+            f"UPDATE {self.table} "
+            "SET phases = json_insert(phases, '$[#]', json_array(:name, :data)) "
+            "WHERE key = :key AND token = :token AND state = 'in_flight'"
+        )
+        return sql, {"name": name, "data": data, "key": claim.key, "token": claim.token}
+
     def complete_sync(
         self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
     ) -> bool:
-        now = self._clock()
-        cur = self._conn().execute(
-            f"UPDATE {self.table} SET state = 'completed', response = ?, expires_at = ?, "
-            "forget_at = ? WHERE key = ? AND token = ? AND state = 'in_flight'",
-            (
-                encode_response(response),
-                now + ttl,
-                now + ttl + tombstone_ttl,
-                claim.key,
-                claim.token,
-            ),
-        )
-        return cur.rowcount == 1
+        sql, params = self.complete_statement(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
+        return int(self._conn().execute(sql, params).rowcount) == 1
+
+    def record_phase_sync(self, claim: Claimed, name: str, data: str) -> bool:
+        sql, params = self.phase_statement(claim, name, data)
+        return int(self._conn().execute(sql, params).rowcount) == 1
 
     def release_sync(self, claim: Claimed) -> bool:
         conn = self._conn()
@@ -239,7 +286,7 @@ class SQLiteStore:
         cur = self._conn().execute(
             f"UPDATE {self.table} SET lease_until = ?, expires_at = ?, "
             "forget_at = max(forget_at, ?) WHERE key = ? AND token = ? AND state = 'in_flight'",
-            (lease_until, lease_until, lease_until, claim.key, claim.token),
+            (lease_until, lease_until, lease_until + ABANDONED_RETENTION, claim.key, claim.token),
         )
         return cur.rowcount == 1
 
@@ -283,6 +330,10 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r} failed: {exc}") from exc
 
+    async def migrate(self) -> None:
+        """Create the table and its index now (they are also created on first use)."""
+        await self._run(self._conn)
+
     async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
         return await self._run(self.claim_sync, key, fingerprint, lease=lease)
 
@@ -295,6 +346,9 @@ class SQLiteStore:
 
     async def release(self, claim: Claimed) -> bool:
         return await self._run(self.release_sync, claim)
+
+    async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
+        return await self._run(self.record_phase_sync, claim, name, data)
 
     async def renew(self, claim: Claimed, *, lease: float) -> bool:
         return await self._run(self.renew_sync, claim, lease=lease)
