@@ -1,0 +1,256 @@
+"""Exactly-once effects: atomic phases and recovery points in the business transaction.
+
+A stored response is not enough: if the process dies after the business transaction commits but
+before the response is stored, a retry would run again. So a handler may move the request's
+idempotency record forward in the SAME database transaction as its own writes:
+
+    attempt = current_attempt()                       # the request being run, behind the middleware
+    if not attempt.done("payment_created"):
+        with conn:                                    # your transaction (sqlite3 here)
+            payment_id = insert_payment(conn, ...)
+            attempt.record(conn, "payment_created", {"id": payment_id})   # same transaction
+    payment_id = attempt.data("payment_created")["id"]
+    result = card_network.charge(..., idempotency_key=attempt.downstream_key("charge"))
+    with conn:
+        mark_payment(conn, payment_id, result)
+        attempt.complete(conn, 201, headers, body)    # the response, committed with the effect
+    return Response(body, 201, headers)
+
+Crash windows, and what a retry (after the lease, or after an error released the key) does:
+
+    client        handler                         database                     card network
+      │──POST────►│ claim (attempt 1)                 │                              │
+      │           │── tx: insert + record ───────────►│ payment + "payment_created"  │
+      │           ✗ crash here: retry resumes at the charge, the payment row is reused
+      │           │── charge(downstream key K) ───────────────────────────────────►│ charged once
+      │           ✗ crash here: retry charges again with K; the network answers the same charge
+      │           │── tx: mark + complete ───────────►│ status + stored response     │
+      │           ✗ crash here: the response was committed with the effect; a retry replays it
+      │◄──201─────│                                   │                              │
+
+Recovery points survive a crash, a release (5xx, exception) and a lease takeover; they are
+visible to the next attempt as ``attempt.phases``. ``downstream_key(step)`` is stable for the
+request across attempts, so a resumed request cannot charge twice downstream either.
+
+Which guarantee remains without a shared transaction: with a store in another database than the
+business writes (Redis, say), ``checkpoint`` records a recovery point in its own round trip after
+your commit. A crash between the two re-runs that phase on retry, so each phase must then be
+idempotent by itself (use ``downstream_key``, unique constraints). The response is stored after
+the handler returns, so a crash between your commit and that store also re-runs the request.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any, Protocol, runtime_checkable
+
+from ._codec import Claimed, StoredResponse
+from ._errors import ConfigurationError, OncelyError
+from .stores import AsyncStore
+
+__all__ = [
+    "Attempt",
+    "LeaseLost",
+    "TransactionalStore",
+    "current_attempt",
+]
+
+
+class LeaseLost(OncelyError):
+    """This attempt no longer owns its key (its lease was taken over): roll back, do nothing.
+
+    Raised inside your transaction by ``record``/``complete``; let it propagate so the transaction
+    rolls back and the new owner's work stands alone.
+    """
+
+
+@runtime_checkable
+class TransactionalStore(Protocol):
+    """A store whose records live in a database the handler's own connection can write to.
+
+    Statements come back with the store's dialect and parameter style; the attempt runs them on
+    the caller's connection, inside the caller's transaction.
+    """
+
+    dialect: str
+
+    def phase_statement(self, claim: Claimed, name: str, data: str) -> tuple[str, Any]: ...
+
+    def complete_statement(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> tuple[str, Any]: ...
+
+
+_current: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
+    "oncely_attempt", default=None
+)
+
+
+def current_attempt() -> Attempt:
+    """The idempotent request this code runs for; ConfigurationError outside of one."""
+    attempt = _current.get()
+    if attempt is None:
+        raise ConfigurationError(
+            "no idempotent request is running here: call current_attempt() inside a handler "
+            "behind oncely's middleware, for a request that carried an Idempotency-Key"
+        )
+    return attempt
+
+
+def _execute(conn: Any, dialect: str, sql: str, params: Any) -> int:
+    """Run one statement on a DB-API or SQLAlchemy connection; the number of rows it changed."""
+    module = type(conn).__module__
+    if module.startswith("sqlalchemy"):
+        from sqlalchemy import text
+
+        bind_dialect = conn.get_bind().dialect.name
+        if bind_dialect != dialect:
+            raise ConfigurationError(
+                f"this connection is to {bind_dialect}, but the idempotency store is {dialect}"
+            )
+        sa_sql = sql if dialect == "sqlite" else sql.replace("%(", ":").replace(")s", "")
+        return int(conn.execute(text(sa_sql), params).rowcount)
+    if dialect == "sqlite" and not module.startswith("sqlite3"):
+        raise ConfigurationError("the idempotency store is SQLite: pass a sqlite3 connection")
+    if dialect == "postgresql" and not module.startswith("psycopg"):
+        raise ConfigurationError("the idempotency store is PostgreSQL: pass a psycopg connection")
+    return int(conn.execute(sql, params).rowcount)
+
+
+async def _aexecute(conn: Any, dialect: str, sql: str, params: Any) -> int:
+    module = type(conn).__module__
+    if module.startswith("sqlalchemy"):
+        from sqlalchemy import text
+
+        sa_sql = sql if dialect == "sqlite" else sql.replace("%(", ":").replace(")s", "")
+        result = await conn.execute(text(sa_sql), params)
+        return int(result.rowcount)
+    cursor = await conn.execute(sql, params)
+    return int(cursor.rowcount)
+
+
+class Attempt:
+    """One run of an idempotent request: its recovery points and its way to move them forward."""
+
+    def __init__(
+        self,
+        store: AsyncStore,
+        claim: Claimed,
+        *,
+        ttl: float,
+        tombstone_ttl: float,
+        header_allowlist: frozenset[str],
+    ) -> None:
+        self._store = store
+        self._claim = claim
+        self._ttl, self._tombstone_ttl = ttl, tombstone_ttl
+        self._allowlist = header_allowlist
+        self._phases: dict[str, Any] = {name: json.loads(data) for name, data in claim.phases}
+        self.completed = False
+
+    @property
+    def key(self) -> str:
+        """The storage key: opaque, stable for (tenant, Idempotency-Key)."""
+        return self._claim.key
+
+    @property
+    def number(self) -> int:
+        """1 on the first run; 2 and up when resumed after a crash, an error or a takeover."""
+        return self._claim.attempt
+
+    @property
+    def phases(self) -> Mapping[str, Any]:
+        """The recovery points reached so far, by name, with their data."""
+        return dict(self._phases)
+
+    def done(self, name: str) -> bool:
+        return name in self._phases
+
+    def data(self, name: str) -> Any:
+        return self._phases[name]
+
+    def downstream_key(self, step: str) -> str:
+        """An idempotency key for a foreign call: stable for this request and step, per tenant."""
+        digest = hashlib.sha256(f"{self._claim.key}\0{step}".encode()).hexdigest()
+        return f"oncely-{digest[:40]}"
+
+    def _transactional(self) -> TransactionalStore:
+        if not isinstance(self._store, TransactionalStore):
+            raise ConfigurationError(
+                "this store cannot share your database transaction (only SQL stores can): use "
+                "await attempt.checkpoint(name, data), which records the recovery point after "
+                "your commit; a crash between the two re-runs that phase"
+            )
+        return self._store
+
+    def _encode(self, name: str, data: Any) -> str:
+        if name in self._phases:
+            raise ConfigurationError(f"recovery point {name!r} was already recorded")
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+    def _response(
+        self, status: int, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> StoredResponse:
+        kept = tuple((k.lower(), v) for k, v in headers if k.lower() in self._allowlist)
+        return StoredResponse(status=status, headers=kept, body=body)
+
+    def record(self, conn: Any, name: str, data: Any = None) -> None:
+        """Record recovery point ``name`` on ``conn``, inside your open transaction."""
+        store = self._transactional()
+        encoded = self._encode(name, data)
+        sql, params = store.phase_statement(self._claim, name, encoded)
+        if _execute(conn, store.dialect, sql, params) != 1:
+            raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
+        self._phases[name] = json.loads(encoded)
+
+    async def arecord(self, conn: Any, name: str, data: Any = None) -> None:
+        """``record`` for an async connection (psycopg AsyncConnection, SQLAlchemy AsyncSession)."""
+        store = self._transactional()
+        encoded = self._encode(name, data)
+        sql, params = store.phase_statement(self._claim, name, encoded)
+        if await _aexecute(conn, store.dialect, sql, params) != 1:
+            raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
+        self._phases[name] = json.loads(encoded)
+
+    def complete(
+        self, conn: Any, status: int, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> None:
+        """Store the response on ``conn``, in the transaction that commits the effect.
+
+        Return exactly this status, these headers and this body from the handler.
+        """
+        store = self._transactional()
+        sql, params = store.complete_statement(
+            self._claim,
+            self._response(status, headers, body),
+            ttl=self._ttl,
+            tombstone_ttl=self._tombstone_ttl,
+        )
+        if _execute(conn, store.dialect, sql, params) != 1:
+            raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
+        self.completed = True
+
+    async def acomplete(
+        self, conn: Any, status: int, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> None:
+        """``complete`` for an async connection."""
+        store = self._transactional()
+        sql, params = store.complete_statement(
+            self._claim,
+            self._response(status, headers, body),
+            ttl=self._ttl,
+            tombstone_ttl=self._tombstone_ttl,
+        )
+        if await _aexecute(conn, store.dialect, sql, params) != 1:
+            raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
+        self.completed = True
+
+    async def checkpoint(self, name: str, data: Any = None) -> None:
+        """Record a recovery point in the store's own round trip (any store; no shared tx)."""
+        encoded = self._encode(name, data)
+        if not await self._store.record_phase(self._claim, name, encoded):
+            raise LeaseLost(f"key {self.key} was taken over")
+        self._phases[name] = json.loads(encoded)
