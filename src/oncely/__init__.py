@@ -6,6 +6,7 @@ from oncely.asgi import IdempotencyMiddleware
 app = IdempotencyMiddleware(app, store="sqlite:oncely.db", scope=scope_from_header("X-Tenant-Id"))
 """
 
+from ._attempt import Attempt, LeaseLost, TransactionalStore, current_attempt
 from ._codec import Claimed, Existing, Record, State, StoredResponse
 from ._config import Request, Route, Scope, scope_from_header, scope_from_principal, single_tenant
 from ._errors import (
@@ -29,11 +30,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncStore",
+    "Attempt",
     "Claimed",
     "ConfigurationError",
     "Existing",
     "KeyInFlight",
     "KeyReused",
+    "LeaseLost",
     "MalformedKey",
     "MissingKey",
     "MissingScope",
@@ -48,6 +51,8 @@ __all__ = [
     "State",
     "StoreUnavailable",
     "StoredResponse",
+    "TransactionalStore",
+    "current_attempt",
     "fingerprint",
     "open_store",
     "parse_key",

@@ -16,7 +16,7 @@ __all__ = ["adrive"]
 
 log = logging.getLogger("oncely")
 
-RunApp = Callable[[], Awaitable[Ran | AppFailed]]
+RunApp = Callable[[Claimed | None], Awaitable[Ran | AppFailed]]
 
 
 async def _call_store(awaitable: Awaitable[object], limit: float) -> object:
@@ -95,7 +95,7 @@ async def adrive(
                     None if op.claim is None else _Renewal(store, op.claim, lease, store_timeout)
                 )
                 try:
-                    value = await run_app()
+                    value = await run_app(op.claim)
                 finally:
                     if renewal is not None:
                         await renewal.stop()

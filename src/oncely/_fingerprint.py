@@ -42,8 +42,11 @@ def normalize_query(query: str) -> str:
 
 
 def _number(value: float) -> object:
-    # RFC 8785 compares numbers as IEEE doubles: 1 == 1.0 == 1e0.
-    if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
+    # RFC 8785 compares numbers as IEEE doubles: 1 == 1.0 == 1e0. A number too large for a
+    # double (1e400) is no JSON number this canonical form can tell apart: take the bytes.
+    if not math.isfinite(value):
+        raise ValueError("a JSON number out of the range of a double")
+    if value.is_integer() and abs(value) < 2**53:
         return int(value)
     return value
 
@@ -65,10 +68,9 @@ def _reject_constant(name: str) -> object:
 def canonical_json(body: bytes) -> bytes | None:
     """The canonical form of a JSON document, or None when it is not JSON."""
     try:
-        value = json.loads(body, parse_constant=_reject_constant)
+        return _dump(_normalize(json.loads(body, parse_constant=_reject_constant)))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    return _dump(_normalize(value))
 
 
 def _dump(value: object) -> bytes:
@@ -92,13 +94,13 @@ def _canonical_body(mt: str, body: bytes, ignore: tuple[str, ...]) -> tuple[str,
         return "empty", b""
     if _is_json(mt):
         try:
-            value = json.loads(body, parse_constant=_reject_constant)
+            # Nesting that json.loads accepts can still be too deep to normalize or dump.
+            value = _normalize(json.loads(body, parse_constant=_reject_constant))
+            for field in ignore:
+                _drop_path(value, field.split("."))
+            return "json", _dump(value)
         except (ValueError, UnicodeDecodeError, RecursionError):
             return "bytes", body
-        value = _normalize(value)
-        for field in ignore:
-            _drop_path(value, field.split("."))
-        return "json", _dump(value)
     if mt == "application/x-www-form-urlencoded":
         try:
             text = body.decode("utf-8")

@@ -18,7 +18,9 @@ back in; a failed operation is thrown back in as its exception. The flow returns
 
 What is kept (the client always sees the original answer): 2xx, 3xx and 4xx outcomes are stored
 and replayed; 5xx, 408, 429 and exceptions release the key so a retry runs again, unless
-``replay_errors`` keeps them too (at most once, as Stripe's API v1 does).
+``replay_errors`` keeps them too (at most once, as Stripe's API v1 does). An exception raised
+after the app sent a whole answer (a framework's error page, a failing background task) is judged
+by that answer's status, as if the app had returned it.
 
 The driver alone renews the lease while the app runs (a background task), because the flow
 cannot do two things at once; a lost lease shows up as ``Complete`` returning False.
@@ -133,14 +135,21 @@ class Ran:
     headers: tuple[tuple[str, str], ...]
     body: bytes
     too_large: bool = False
+    # The app stored this response itself, in the transaction that committed its effect.
+    completed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class AppFailed:
-    """The app raised. ``started``: a response had already gone out to the client."""
+    """The app raised. ``started``: a response had already gone out to the client.
+
+    ``response``: the whole answer the app had sent before it raised (an error page from a
+    framework's error handler, or a success followed by a failing background task), if any.
+    """
 
     error: BaseException
     started: bool
+    response: Ran | None = None
 
 
 # Outcomes ---------------------------------------------------------------------------------
@@ -163,11 +172,15 @@ class Fresh:
     stored: bool
     lost_lease: bool = False
     store_error: BaseException | None = None
+    # Another claim took the key over and its answer is the one kept: the driver should not
+    # hand this one out as if it were the result (it aborts the response instead).
+    superseded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class Failed:
-    """The app raised. ``response``: the answer to send and keep (``replay_errors``), if any."""
+    """The app raised. ``response``: the answer kept for repeats, if any; the driver sends it
+    only when no response has started."""
 
     error: BaseException
     response: StoredResponse | None = None
@@ -304,7 +317,11 @@ def flow(
 
     if isinstance(result, AppFailed):
         response = None
-        if policy.replay_errors and not result.started:
+        if result.response is not None:
+            # The client has a whole answer: it is the outcome, kept or not by its status.
+            if is_kept(result.response.status, replay_errors=policy.replay_errors):
+                response = _to_store(result.response, header_allowlist)
+        elif policy.replay_errors:
             response = StoredResponse(
                 status=500,
                 headers=(("content-type", "application/problem+json"),),
@@ -325,7 +342,9 @@ def flow(
             done = yield Complete(
                 claimed, _to_store(result, header_allowlist), policy.ttl, policy.tombstone_ttl
             )
-            return Fresh(stored=bool(done), lost_lease=not done)
+            if not done and result.completed:
+                return Fresh(stored=True)  # already committed with the effect
+            return Fresh(stored=bool(done), lost_lease=not done, superseded=not done)
         released = yield Release(claimed)
         return Fresh(stored=False, lost_lease=not released)
     except StoreUnavailable as exc:

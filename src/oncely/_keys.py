@@ -44,6 +44,22 @@ def _unquote_sf_string(value: str) -> str:
     return "".join(out)
 
 
+def _without_parameters(value: str) -> str:
+    """The sf-string of an RFC 8941 Item, its parameters (``;name=value``) left aside."""
+    i = 1
+    while i < len(value):
+        if value[i] == "\\":
+            i += 2
+            continue
+        if value[i] == '"':
+            rest = value[i + 1 :]
+            if rest and not rest.lstrip(" ").startswith(";"):
+                raise MalformedKey(_detail("it has text after the closing quote"))
+            return value[: i + 1]
+        i += 1
+    raise MalformedKey(_detail("it opens a quoted string that never closes"))
+
+
 def _detail(why: str) -> str:
     return (
         f"The Idempotency-Key header is malformed: {why}. Send a unique value of 1-"
@@ -62,8 +78,8 @@ def parse_key(raw: bytes | str) -> str:
     else:
         value = raw
     value = value.strip(" \t")
-    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
-        key = _unquote_sf_string(value)
+    if value.startswith('"'):
+        key = _unquote_sf_string(_without_parameters(value))
     else:
         key = value
     if not key:

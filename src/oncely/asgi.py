@@ -17,6 +17,9 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+from ._attempt import Attempt, LeaseLost
+from ._attempt import _current as _current_attempt
+from ._codec import Claimed
 from ._config import DEFAULT_METHODS, Request, Route, Scope
 from ._drive import adrive
 from ._errors import (
@@ -334,6 +337,14 @@ class _Exchange:
             await _send_problem(self.send, outcome.error)
         elif isinstance(outcome, Fresh | PassThrough):
             if isinstance(outcome, Fresh):
+                if outcome.superseded:
+                    # Another claim owns the key and its answer is the one kept. Cut this
+                    # response short, so the client retries and gets that answer instead of
+                    # a second, different "original".
+                    raise LeaseLost(
+                        f"key {skey} was taken over while it ran; its answer was not stored "
+                        "and the response is aborted"
+                    )
                 if outcome.lost_lease:
                     log.warning("oncely: key %s was taken over while it ran; not stored", skey)
                 if outcome.store_error is not None:
@@ -343,7 +354,10 @@ class _Exchange:
         else:
             if outcome.store_error is not None:
                 log.error("oncely: could not record the failure of key %s", skey)
-            if outcome.response is not None and not self.started:
+            if self.started:
+                if self.held is not None:  # the app's whole answer: let the client have it
+                    await self.send(self.held)
+            elif outcome.response is not None:
                 response = outcome.response
                 out = [*response.headers, ("content-length", str(len(response.body)))]
                 await _send_whole(self.send, response.status, out, response.body)
@@ -381,7 +395,7 @@ class _Exchange:
         else:
             await self.send(message)
 
-    async def _run_app(self) -> Ran | AppFailed:
+    async def _run_app(self, claim: Claimed | None) -> Ran | AppFailed:
         scope = self.scope
         extensions = scope.get("extensions")
         if extensions and any(name in extensions for name in _HIDDEN_EXTENSIONS):
@@ -389,19 +403,38 @@ class _Exchange:
             scope["extensions"] = {
                 k: v for k, v in extensions.items() if k not in _HIDDEN_EXTENSIONS
             }
+        attempt = None
+        if claim is not None:
+            policy = self.settings.policy
+            attempt = Attempt(
+                self.mw.store,
+                claim,
+                ttl=policy.ttl,
+                tombstone_ttl=policy.tombstone_ttl,
+                header_allowlist=self.mw.header_allowlist,
+            )
+        reset = _current_attempt.set(attempt)
         try:
             await self.mw.app(scope, self._replay_receive, self._capture_send)
         except Exception as exc:
-            return AppFailed(exc, self.started)
+            whole = None if self.held is None else self._ran(attempt)
+            return AppFailed(exc, self.started, response=whole)
+        finally:
+            _current_attempt.reset(reset)
         if self.held is None:
             return AppFailed(
                 RuntimeError("the app returned without completing a response"), self.started
             )
+        return self._ran(attempt)
+
+    def _ran(self, attempt: Attempt | None) -> Ran:
+        """The captured answer, once its last body message is held."""
         return Ran(
             status=self.status,
             headers=tuple(self.headers),
             body=b"".join(self.chunks),
             too_large=self.too_large,
+            completed=attempt is not None and attempt.completed,
         )
 
 
