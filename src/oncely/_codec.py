@@ -166,7 +166,8 @@ def decode_record(key: str, data: bytes) -> Record:
     response_head = head.get("response")
     response = _response_from(response_head, body) if isinstance(response_head, dict) else None
     phases = head.get("phases") or []
-    assert isinstance(phases, list)
+    if not isinstance(phases, list):
+        raise ValueError("corrupt oncely record: phases is not a list")
     return Record(
         key=key,
         fingerprint=str(head["fp"]),

@@ -78,10 +78,7 @@ def parse_key(raw: bytes | str) -> str:
     else:
         value = raw
     value = value.strip(" \t")
-    if value.startswith('"'):
-        key = _unquote_sf_string(_without_parameters(value))
-    else:
-        key = value
+    key = _unquote_sf_string(_without_parameters(value)) if value.startswith('"') else value
     if not key:
         raise MalformedKey(_detail("it is empty"))
     if len(key) > MAX_KEY_LENGTH:
