@@ -530,3 +530,10 @@ def test_is_kept_follows_the_table(status: int, kept: bool) -> None:
     """2xx, 3xx, 4xx are kept except 408 and 429; 5xx are not; replay_errors keeps all."""
     assert is_kept(status, replay_errors=False) is kept
     assert is_kept(status, replay_errors=True) is True
+
+
+def test_a_response_the_app_committed_itself_costs_no_further_store_write() -> None:
+    """attempt.complete() in the business transaction already stored it: no Complete op."""
+    f = claimed_and_ran()
+    committed = Ran(status=201, headers=HEADERS, body=b"x", completed=True)
+    assert end(f, committed) == Fresh(stored=True)

@@ -241,3 +241,10 @@ async def test_sqlalchemy_sessions_record_phases_in_their_transaction(
     record = await store.get("sa-key")
     assert record is not None
     assert [name for name, _ in record.phases] == ["created"]
+
+
+def test_outside_an_idempotent_request_there_is_no_attempt() -> None:
+    """current_attempt() refuses, or answers None when asked with required=False."""
+    with pytest.raises(ConfigurationError, match="no idempotent request"):
+        current_attempt()
+    assert current_attempt(required=False) is None

@@ -45,7 +45,7 @@ import contextvars
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from ._codec import Claimed, StoredResponse
 from ._errors import ConfigurationError, OncelyError
@@ -89,10 +89,22 @@ _current: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
 )
 
 
-def current_attempt() -> Attempt:
-    """The idempotent request this code runs for; ConfigurationError outside of one."""
+@overload
+def current_attempt() -> Attempt: ...
+@overload
+def current_attempt(*, required: Literal[True]) -> Attempt: ...
+@overload
+def current_attempt(*, required: bool) -> Attempt | None: ...
+
+
+def current_attempt(*, required: bool = True) -> Attempt | None:
+    """The idempotent request this code runs for.
+
+    Outside of one (no middleware, or a request without a key on a route where it is optional):
+    ConfigurationError, or None with ``required=False``.
+    """
     attempt = _current.get()
-    if attempt is None:
+    if attempt is None and required:
         raise ConfigurationError(
             "no idempotent request is running here: call current_attempt() inside a handler "
             "behind oncely's middleware, for a request that carried an Idempotency-Key"

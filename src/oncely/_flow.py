@@ -337,13 +337,13 @@ def flow(
         return Failed(result.error, response)
 
     assert isinstance(result, Ran)
+    if result.completed:
+        return Fresh(stored=True)  # the app committed its response with its effect
     try:
         if is_kept(result.status, replay_errors=policy.replay_errors):
             done = yield Complete(
                 claimed, _to_store(result, header_allowlist), policy.ttl, policy.tombstone_ttl
             )
-            if not done and result.completed:
-                return Fresh(stored=True)  # already committed with the effect
             return Fresh(stored=bool(done), lost_lease=not done, superseded=not done)
         released = yield Release(claimed)
         return Fresh(stored=False, lost_lease=not released)

@@ -49,10 +49,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -364,6 +364,36 @@ def claim_result(row: tuple[Any, ...], token: str) -> Claimed | Existing:
 
 ConfigureCallback = Callable[["psycopg.AsyncConnection[Any]"], Awaitable[None]]
 
+T = TypeVar("T")
+
+# Statements whose caller stopped waiting, left to finish in the background (see _promptly).
+_ABANDONED: set[asyncio.Task[Any]] = set()
+
+
+async def _promptly(call: Coroutine[Any, Any, T]) -> T:
+    """Await ``call`` in a task of its own, so that a caller who stops waiting (a store timeout,
+    a client gone) is let go at once.
+
+    Cancelled mid-statement, psycopg first has the server cancel the statement and waits for
+    that: up to 10 s against a server that does not answer, far past any store timeout. That
+    now goes on in the background, and the connection returns to the pool (or is dropped) when
+    it ends.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.cancel()
+        _ABANDONED.add(task)
+        task.add_done_callback(_forget)
+        raise
+
+
+def _forget(task: asyncio.Task[Any]) -> None:
+    _ABANDONED.discard(task)
+    if not task.cancelled():
+        task.exception()  # no one awaits it: mark its error as seen
+
 
 class PostgresStore:
     """Idempotency records in a PostgreSQL table (``postgresql://…``); see the module docstring.
@@ -518,14 +548,20 @@ class PostgresStore:
             await self._migrate(conn, only_if_missing=False)
 
     async def _fetchone(self, query: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
-        async with self._connection() as conn:
-            cur = await conn.execute(query, params, binary=True)
-            return await cur.fetchone()
+        async def run() -> tuple[Any, ...] | None:
+            async with self._connection() as conn:
+                cur = await conn.execute(query, params, binary=True)
+                return await cur.fetchone()
+
+        return await _promptly(run())
 
     async def _rowcount(self, query: str, params: Mapping[str, Any]) -> int:
-        async with self._connection() as conn:
-            cur = await conn.execute(query, params)
-            return cur.rowcount
+        async def run() -> int:
+            async with self._connection() as conn:
+                cur = await conn.execute(query, params)
+                return cur.rowcount
+
+        return await _promptly(run())
 
     # The statements a handler runs on its own connection, in its own transaction
     # (oncely.TransactionalStore): the same ones the store runs.

@@ -36,7 +36,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisClusterException, RedisError
@@ -253,7 +253,13 @@ def _client_from_url(url: str, **options: Any) -> Redis | RedisCluster:
     try:
         if scheme in _CLUSTER_SCHEMES:
             return RedisCluster.from_url(f"{_CLUSTER_SCHEMES[scheme]}://{rest}", **options)
-        return Redis.from_url(url, **options)
+        # With every connection busy, a command waits for one (up to the socket timeout), as
+        # with PostgreSQL's pool; redis-py's default pool fails it at once ("Too many
+        # connections"), which turned a burst of over 100 requests per process into 503s.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=100, timeout=options.get("socket_timeout"), **options
+        )
+        return Redis.from_pool(pool)
     except (ValueError, RedisClusterException) as exc:
         raise ConfigurationError(f"bad Redis store URL or option: {exc}") from exc
 

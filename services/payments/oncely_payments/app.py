@@ -1,0 +1,557 @@
+"""The payments API: FastAPI behind oncely's IdempotencyMiddleware, behind bearer authentication.
+
+    app = create_app(Settings(store="sqlite:payments.db"))     # an ASGI app; docs at /docs
+
+Layers, outermost first:
+
+1. :class:`Service`: every request but ``/health`` and the docs needs ``Authorization: Bearer
+   <api key>``; any non-empty key names a tenant (a real deployment plugs in its own
+   authentication). Without one: 401, before anything else runs.
+2. oncely's ``IdempotencyMiddleware``, scoped by tenant: ``POST /payments`` and ``POST /orders``
+   require an ``Idempotency-Key`` (400 without); ``PATCH /orders/{id}`` is protected when it
+   carries one. Two tenants' identical keys never meet.
+3. The FastAPI app: validation (422 before any side effect), then the handlers, which move the
+   key forward in the ledger's own transactions (see ledger.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from oncely import (
+    AsyncStore,
+    Attempt,
+    LeaseLost,
+    Route,
+    current_attempt,
+    open_store,
+)
+from oncely import Request as OncelyRequest
+from oncely.asgi import IdempotencyMiddleware
+
+from . import ledger
+from .card_network import CardNetwork, CardNetworkUnavailable
+from .database import Database, PostgresDatabase, SQLiteDatabase
+from .faults import Faults
+from .models import (
+    Answer,
+    Order,
+    OrderIn,
+    OrderPatch,
+    Payment,
+    PaymentIn,
+    items_of,
+)
+from .problems import (
+    PROBLEM_BASE,
+    PROBLEM_TYPE,
+    ApiProblem,
+    encode,
+    http_exception_handler,
+    problem_handler,
+    validation_handler,
+)
+from .settings import Settings
+
+__all__ = ["Service", "create_app", "tenant_of"]
+
+log = logging.getLogger("oncely_payments")
+
+Message = MutableMapping[str, Any]
+
+PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+JSON = "application/json"
+
+
+def tenant_of(authorization: str | None) -> str | None:
+    """The tenant a ``Bearer`` API key names (a hash: the key itself is never stored)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return "ten_" + hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
+def _scope(request: OncelyRequest) -> str | None:
+    return tenant_of(request.headers.get("authorization"))
+
+
+def _unauthorized() -> ApiProblem:
+    return ApiProblem(
+        401,
+        "unauthorized",
+        "API key required",
+        "Send your API key as 'Authorization: Bearer <api key>'.",
+        headers=[("www-authenticate", 'Bearer realm="oncely-payments"')],
+    )
+
+
+_bearer = HTTPBearer(auto_error=False, description="Any non-empty API key names a tenant.")
+
+
+def _tenant(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> str:
+    tenant = tenant_of(request.headers.get("authorization"))
+    if tenant is None:
+        raise _unauthorized()
+    return tenant
+
+
+Tenant = Annotated[str, Depends(_tenant)]
+IdempotencyKey = Annotated[
+    str,
+    Header(
+        alias="Idempotency-Key",
+        description="Required. A unique value per operation (a UUID); send the same one when "
+        "you retry. Repeats get the first answer back with 'Idempotent-Replayed: true'.",
+    ),
+]
+OptionalIdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Optional: makes the change safe to retry; repeats replay the first answer.",
+    ),
+]
+Limit = Annotated[int, Query(ge=1, le=100, description="1-100 items per page")]
+Cursor = Annotated[
+    str | None,
+    Query(description="the id of the last item of the previous page: the next page follows it"),
+]
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def _respond(answer: Answer) -> Response:
+    return Response(answer.body, answer.status, headers=dict(answer.headers))
+
+
+def _json(value: object, status: int = 200, headers: tuple[tuple[str, str], ...] = ()) -> Response:
+    return _respond(Answer(status, (("content-type", JSON), *headers), encode(value)))
+
+
+def payment_answer(payment: Payment) -> Answer:
+    """201 with the payment, or 402 (a problem that carries the failed payment)."""
+    location = ("location", f"/payments/{payment.id}")
+    if payment.status == "succeeded":
+        return Answer(201, (("content-type", JSON), location), encode(payment.to_json()))
+    body = {
+        "type": PROBLEM_BASE + "card-declined",
+        "title": "Card declined",
+        "status": 402,
+        "detail": "The card network declined this payment; it is recorded with status failed. "
+        "Retrying with the same Idempotency-Key returns this answer again: to try again, use "
+        "another card and a new key.",
+        "decline_code": "card_declined",
+        "payment": payment.to_json(),
+    }
+    return Answer(402, (("content-type", PROBLEM_TYPE), location), encode(body))
+
+
+def order_answer(order: Order, status: int = 200) -> Answer:
+    headers: tuple[tuple[str, str], ...] = (("content-type", JSON), ("etag", order.etag))
+    if status == 201:
+        headers += (("location", f"/orders/{order.id}"),)
+    return Answer(status, headers, encode(order.to_json()))
+
+
+def _taken_over() -> Response:
+    return ApiProblem(
+        409,
+        "request-taken-over",
+        "Another attempt of this request took over",
+        "This attempt ran past its lease and a retry of the same request took it over; that "
+        "retry's answer stands. Retry the same request to get it.",
+        headers=[("retry-after", "1")],
+    ).response()
+
+
+def _optional_attempt() -> Attempt | None:
+    return current_attempt(required=False)
+
+
+class Handlers:
+    """The endpoints, over one database, one card network and the fault injector."""
+
+    def __init__(
+        self, db: Database, network: CardNetwork, store: AsyncStore, faults: Faults
+    ) -> None:
+        self.db, self.network, self.store, self.faults = db, network, store, faults
+
+    def _before_first_commit(self) -> None:
+        self.faults.reach("before_first_commit")
+
+    async def create_payment(
+        self, payment: PaymentIn, tenant: Tenant, idempotency_key: IdempotencyKey
+    ) -> Response:
+        """Charge a customer's card, exactly once per Idempotency-Key."""
+        attempt = current_attempt()
+        try:
+            if not attempt.done(ledger.PAYMENT_CREATED):
+                pending = Payment(
+                    _new_id("pay"), payment.amount, payment.currency, payment.customer, "pending"
+                )
+                await self.db.write(
+                    ledger.create_payment(attempt, tenant, pending, _now()),
+                    before_commit=self._before_first_commit,
+                )
+            # A resumed attempt reuses the payment its first phase created.
+            payment_id = str(attempt.data(ledger.PAYMENT_CREATED)["id"])
+            try:
+                charge = await self.network.charge(
+                    attempt.downstream_key("charge"),
+                    amount=payment.amount,
+                    currency=payment.currency,
+                    customer=payment.customer,
+                )
+            except CardNetworkUnavailable as exc:
+                # 5xx: oncely releases the key and keeps the recovery point; a retry resumes
+                # at the charge, with the same downstream key.
+                return ApiProblem(
+                    503,
+                    "card-network-unavailable",
+                    "The card network is unavailable",
+                    f"{exc}. Nothing is lost: retry the same request with the same "
+                    "Idempotency-Key; it resumes where it stopped and never charges twice.",
+                    headers=[("retry-after", "1")],
+                ).response()
+            self.faults.reach("during_charge")
+            status = "succeeded" if charge.approved else "failed"
+            settled = Payment(
+                payment_id, payment.amount, payment.currency, payment.customer, status
+            )
+            answer = payment_answer(settled)
+            await self.db.write(ledger.settle_payment(attempt, settled, charge.id, answer, _now()))
+        except LeaseLost:
+            return _taken_over()
+        self.faults.reach("after_charge_commit")
+        return _respond(answer)
+
+    async def list_payments(
+        self,
+        tenant: Tenant,
+        customer: Annotated[str | None, Query(min_length=1, max_length=255)] = None,
+        limit: Limit = 10,
+        starting_after: Cursor = None,
+    ) -> Response:
+        """This API key's payments, newest first."""
+        payments, more = await self.db.read(
+            ledger.list_payments(
+                tenant, customer=customer, limit=limit, starting_after=starting_after
+            )
+        )
+        return _json({"data": [p.to_json() for p in payments], "has_more": more})
+
+    async def get_payment(self, payment_id: str, tenant: Tenant) -> Response:
+        payment = await self.db.read(ledger.get_payment(tenant, payment_id))
+        if payment is None:
+            raise ApiProblem(
+                404,
+                "not-found",
+                "No such payment",
+                f"There is no payment {payment_id} for this API key.",
+            )
+        return _json(payment.to_json())
+
+    async def create_order(
+        self, order: OrderIn, tenant: Tenant, idempotency_key: IdempotencyKey
+    ) -> Response:
+        """Create an open order; its ETag is needed to change it."""
+        now = _now()
+        created = Order(
+            id=_new_id("ord"),
+            customer=order.customer,
+            currency=order.currency,
+            items=items_of(order.items),
+            status="open",
+            note=order.note,
+            payment=None,
+            version=1,
+            created=now,
+            updated=now,
+        )
+        answer = order_answer(created, 201)
+        try:
+            await self.db.write(ledger.create_order(tenant, created, current_attempt(), answer))
+        except LeaseLost:
+            return _taken_over()
+        return _respond(answer)
+
+    async def list_orders(
+        self,
+        tenant: Tenant,
+        status: Literal["open", "paid", "fulfilled", "cancelled"] | None = None,
+        customer: Annotated[str | None, Query(min_length=1, max_length=255)] = None,
+        limit: Limit = 10,
+        starting_after: Cursor = None,
+    ) -> Response:
+        """This API key's orders, newest first, by status and customer."""
+        orders, more = await self.db.read(
+            ledger.list_orders(
+                tenant,
+                status=status,
+                customer=customer,
+                limit=limit,
+                starting_after=starting_after,
+            )
+        )
+        return _json({"data": [o.to_json() for o in orders], "has_more": more})
+
+    async def get_order(self, order_id: str, tenant: Tenant) -> Response:
+        order = await self.db.read(ledger.get_order(tenant, order_id))
+        if order is None:
+            raise ledger.order_not_found(order_id)
+        return _respond(order_answer(order))
+
+    async def update_order(
+        self,
+        order_id: str,
+        patch: OrderPatch,
+        tenant: Tenant,
+        if_match: Annotated[
+            str | None,
+            Header(
+                alias="If-Match",
+                description="Required: the ETag of the order as you last read it (412 if it "
+                "has changed since, 428 if missing).",
+            ),
+        ] = None,
+        idempotency_key: OptionalIdempotencyKey = None,
+    ) -> Response:
+        """Change an order, if it is still the version you read (If-Match)."""
+        if if_match is None:
+            raise ApiProblem(
+                428,
+                "precondition-required",
+                "If-Match required",
+                "Send the order's ETag as If-Match, so a change made since you read it is "
+                "never overwritten. GET the order to learn its ETag.",
+            )
+        try:
+            answer = await self.db.write(
+                ledger.update_order(
+                    tenant,
+                    order_id,
+                    patch,
+                    if_match=if_match,
+                    now=_now(),
+                    render=order_answer,
+                    attempt=_optional_attempt(),
+                )
+            )
+        except LeaseLost:
+            return _taken_over()
+        return _respond(answer)
+
+    async def delete_order(
+        self,
+        order_id: str,
+        tenant: Tenant,
+        if_match: Annotated[
+            str | None,
+            Header(alias="If-Match", description="Optional: delete only this version (412)."),
+        ] = None,
+    ) -> Response:
+        """Delete an order: 204, then 404."""
+        await self.db.write(ledger.delete_order(tenant, order_id, if_match=if_match, now=_now()))
+        return Response(status_code=204)
+
+    async def health(self) -> Response:
+        """200 when the service, its ledger and its idempotency store answer; 503 if not."""
+        try:
+            async with asyncio.timeout(2.0):
+                ready = await self.db.ready()
+                await self.store.get("oncely-payments-health-probe")
+        except Exception as exc:
+            log.warning("health check failed: %r", exc)
+            ready = False
+        if not ready:
+            return ApiProblem(
+                503,
+                "not-ready",
+                "Not ready",
+                "The service cannot reach its database yet; retry shortly.",
+                headers=[("retry-after", "1")],
+            ).response()
+        return _json({"status": "ok"})
+
+
+_PROBLEM = {"content": {PROBLEM_TYPE: {}}, "description": "a problem (RFC 9457)"}
+
+
+def _build_api(handlers: Handlers, lifespan: Any) -> FastAPI:
+    api = FastAPI(
+        title="oncely payments",
+        version="0.1.0",
+        summary="The oncely reference payments service: every payment takes effect once.",
+        docs_url="/docs",
+        lifespan=lifespan,
+    )
+    api.add_exception_handler(ApiProblem, problem_handler)
+    api.add_exception_handler(RequestValidationError, validation_handler)
+    api.add_exception_handler(HTTPException, http_exception_handler)
+    errors: dict[int | str, dict[str, Any]] = {code: _PROBLEM for code in (400, 401, 404, 409, 422)}
+    h = handlers
+    api.add_api_route(
+        "/payments",
+        h.create_payment,
+        methods=["POST"],
+        status_code=201,
+        tags=["payments"],
+        responses={
+            **errors,
+            201: {"description": "the payment, status succeeded"},
+            402: {**_PROBLEM, "description": "declined: a problem with the failed payment"},
+            503: {**_PROBLEM, "description": "the card network failed: retry, same key"},
+        },
+    )
+    api.add_api_route("/payments", h.list_payments, methods=["GET"], tags=["payments"])
+    api.add_api_route(
+        "/payments/{payment_id}",
+        h.get_payment,
+        methods=["GET"],
+        tags=["payments"],
+        responses=errors,
+    )
+    api.add_api_route(
+        "/orders",
+        h.create_order,
+        methods=["POST"],
+        status_code=201,
+        tags=["orders"],
+        responses=errors,
+    )
+    api.add_api_route("/orders", h.list_orders, methods=["GET"], tags=["orders"])
+    api.add_api_route(
+        "/orders/{order_id}", h.get_order, methods=["GET"], tags=["orders"], responses=errors
+    )
+    api.add_api_route(
+        "/orders/{order_id}",
+        h.update_order,
+        methods=["PATCH"],
+        tags=["orders"],
+        responses={**errors, 412: _PROBLEM, 428: _PROBLEM},
+    )
+    api.add_api_route(
+        "/orders/{order_id}",
+        h.delete_order,
+        methods=["DELETE"],
+        status_code=204,
+        tags=["orders"],
+        responses={**errors, 412: _PROBLEM},
+    )
+    api.add_api_route("/health", h.health, methods=["GET"], tags=["service"])
+    return api
+
+
+class Service:
+    """The whole service as one ASGI app; see the module docstring for its layers."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        idempotency: IdempotencyMiddleware,
+        api: FastAPI,
+        db: Database,
+        network: CardNetwork,
+    ) -> None:
+        self.settings, self.idempotency, self.api = settings, idempotency, api
+        self.db, self.network = db, network
+        self._closed = False
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[Message]],
+        send: Callable[[Message], Awaitable[None]],
+    ) -> None:
+        if scope["type"] == "http" and scope.get("path", "/") not in PUBLIC_PATHS:
+            authorization = None
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    authorization = value.decode("latin-1")
+            if tenant_of(authorization) is None:
+                await _unauthorized().response()(scope, receive, send)
+                return
+        await self.idempotency(scope, receive, send)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.idempotency.aclose()
+        await self.db.aclose()
+        await self.network.aclose()
+
+
+def create_app(settings: Settings) -> Service:
+    """The payments service for ``settings``, as an ASGI app (run it with one process)."""
+    database = settings.database
+    db: Database
+    store_options: dict[str, Any] = {}
+    if database is None:
+        # oncely's table and the ledger's in one schema of one database: one transaction.
+        store_options["schema"] = settings.schema
+        db = PostgresDatabase(
+            settings.store,
+            schema=ledger.schema("postgresql", settings.schema),
+            options=f"-c search_path={settings.schema}",
+        )
+    else:
+        db = SQLiteDatabase(database, schema=ledger.schema("sqlite"))
+    network = CardNetwork(
+        settings.card_network_path,
+        latency_ms=settings.card_latency_ms,
+        failure_rate=settings.card_failure_rate,
+    )
+    store = open_store(settings.store, **store_options)
+    handlers = Handlers(db, network, store, Faults(settings))
+    service: Service | None = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Create the tables now if the database answers; /health tells when it does.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5.0):
+                if not await db.ready():
+                    log.warning("the ledger database does not answer yet")
+        yield
+        if service is not None:
+            await service.aclose()
+
+    api = _build_api(handlers, lifespan)
+    idempotency = IdempotencyMiddleware(
+        api,
+        scope=_scope,
+        store=store,
+        methods=("POST", "PATCH"),
+        routes=[Route("/orders/{order_id}", methods=["PATCH"], required=False)],
+        ttl=settings.ttl,
+        lease=settings.lease,
+        retry_after=1.0,
+    )
+    service = Service(settings, idempotency, api, db, network)
+    return service

@@ -1,0 +1,214 @@
+"""Settings from command-line flags, then environment variables, then defaults.
+
+    python -m oncely_payments --store sqlite:payments.db --port 8000 --lease 10
+
+| flag | environment variable | default |
+|---|---|---|
+| ``--store`` | ``ONCELY_PAYMENTS_STORE`` | ``sqlite:payments.db`` |
+| ``--host`` | ``ONCELY_PAYMENTS_HOST`` | ``127.0.0.1`` |
+| ``--port`` | ``ONCELY_PAYMENTS_PORT`` | ``8000`` |
+| ``--card-latency-ms`` | ``ONCELY_PAYMENTS_CARD_LATENCY_MS`` | ``10`` |
+| ``--card-failure-rate`` | ``ONCELY_PAYMENTS_CARD_FAILURE_RATE`` | ``0`` |
+| ``--card-network-db`` | ``ONCELY_PAYMENTS_CARD_NETWORK_DB`` | beside the ledger |
+| ``--schema`` | ``ONCELY_PAYMENTS_SCHEMA`` | ``public`` (PostgreSQL only) |
+| ``--ttl`` | ``ONCELY_PAYMENTS_TTL`` | ``86400`` (seconds) |
+| ``--lease`` | ``ONCELY_PAYMENTS_LEASE`` | ``10`` (seconds) |
+| ``--crash-at`` | ``ONCELY_PAYMENTS_CRASH_AT`` | none |
+| ``--log-level`` | ``ONCELY_PAYMENTS_LOG_LEVEL`` | ``info`` |
+
+The store URL names the database of both oncely's records and the ledger (payments, orders): they
+must share it, so that a recovery point or a stored response commits in the same transaction as
+the business write. ``sqlite:PATH`` (the default) or ``postgresql://...``; with PostgreSQL,
+``schema`` names the schema that holds both the ledger's tables and oncely's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["CRASH_POINTS", "ENV_PREFIX", "Settings", "parser"]
+
+ENV_PREFIX = "ONCELY_PAYMENTS_"
+
+# Where ``crash_at`` makes the process SIGKILL itself, once (see faults.py):
+#   before_first_commit  inside the first phase's transaction, before COMMIT
+#   during_charge        after the card network charged, before the second phase
+#   after_charge_commit  after the second phase (charge and response) committed, before the
+#                        response is sent
+CRASH_POINTS = ("before_first_commit", "during_charge", "after_charge_commit")
+
+_SQLITE = ("sqlite",)
+_POSTGRES = ("postgresql", "postgres")
+
+
+def _scheme(url: str) -> str:
+    return url.split(":", 1)[0].lower() if ":" in url else ""
+
+
+def sqlite_path(url: str) -> Path:
+    """The file a ``sqlite:`` URL names, read as oncely reads it."""
+    rest = url.split(":", 1)[1]
+    if rest.startswith("//"):
+        rest = rest[2:]  # sqlite:///abs/path.db -> /abs/path.db; sqlite://relative.db
+    if not rest:
+        raise ValueError("a sqlite: store URL needs a file, such as sqlite:payments.db")
+    return Path(rest)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """How one payments service process runs."""
+
+    store: str = "sqlite:payments.db"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    card_latency_ms: float = 10.0
+    card_failure_rate: float = 0.0
+    card_network_db: str | None = None
+    schema: str = "public"
+    ttl: float = 24 * 3600.0
+    lease: float = 10.0
+    crash_at: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        scheme = _scheme(self.store)
+        if scheme not in _SQLITE + _POSTGRES:
+            raise ValueError(
+                f"store {self.store!r}: the ledger shares the store's database, so the store "
+                "must be SQL: sqlite:PATH or postgresql://..."
+            )
+        if scheme in _SQLITE:
+            sqlite_path(self.store)
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.schema):
+            raise ValueError(f"schema {self.schema!r} must be a lower-case SQL identifier")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be 1-65535, not {self.port}")
+        if self.card_latency_ms < 0:
+            raise ValueError("card latency must be 0 ms or more")
+        if not 0.0 <= self.card_failure_rate <= 1.0:
+            raise ValueError("card failure rate must be between 0 and 1")
+        if self.ttl <= 0 or self.lease <= 0:
+            raise ValueError("ttl and lease must be positive (seconds)")
+        if self.crash_at is not None and self.crash_at not in CRASH_POINTS:
+            raise ValueError(f"crash point must be one of {', '.join(CRASH_POINTS)}")
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return "sqlite" if _scheme(self.store) in _SQLITE else "postgresql"
+
+    @property
+    def database(self) -> Path | None:
+        """The SQLite file of the store and the ledger; None for PostgreSQL."""
+        return sqlite_path(self.store) if self.dialect == "sqlite" else None
+
+    @property
+    def state_dir(self) -> Path:
+        """Where local files go: beside the SQLite database, or the working directory."""
+        database = self.database
+        return Path(".") if database is None else database.parent
+
+    @property
+    def state_name(self) -> str:
+        database = self.database
+        return "payments" if database is None else database.stem
+
+    @property
+    def card_network_path(self) -> Path:
+        """The card network's own SQLite file (a foreign system: never the ledger's)."""
+        if self.card_network_db:
+            return Path(self.card_network_db)
+        return self.state_dir / f"{self.state_name}-card-network.db"
+
+    def crash_marker(self, point: str) -> Path:
+        """The file that records that the crash at ``point`` has happened."""
+        return self.state_dir / f"{self.state_name}.crashed-{point}"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        return cls.from_args([], environ)
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Flags win over environment variables, which win over defaults."""
+        env = os.environ if environ is None else environ
+        p = parser()
+        args = p.parse_args(argv)
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            given = getattr(args, field.name)
+            if given is None:
+                raw = env.get(ENV_PREFIX + field.name.upper())
+                if raw is None or raw == "":
+                    continue
+                try:
+                    given = _convert(field.name, raw)
+                except ValueError:
+                    p.error(f"{ENV_PREFIX}{field.name.upper()}={raw!r} is not valid")
+            values[field.name] = given
+        try:
+            return cls(**values)
+        except ValueError as exc:
+            p.error(str(exc))
+
+
+_TYPES: dict[str, type] = {
+    "port": int,
+    "card_latency_ms": float,
+    "card_failure_rate": float,
+    "ttl": float,
+    "lease": float,
+}
+
+
+def _convert(name: str, raw: str) -> Any:
+    return _TYPES.get(name, str)(raw)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m oncely_payments",
+        description="The oncely reference payments service (FastAPI; docs at /docs).",
+        epilog=f"Every flag may also be set as an environment variable {ENV_PREFIX}<FLAG>, "
+        "for example ONCELY_PAYMENTS_STORE or ONCELY_PAYMENTS_PORT.",
+    )
+    p.add_argument(
+        "--store",
+        help="store and ledger database: sqlite:PATH (default sqlite:payments.db) "
+        "or postgresql://USER@HOST:PORT/DB",
+    )
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    p.add_argument(
+        "--card-latency-ms", type=float, help="simulated card network latency (default 10)"
+    )
+    p.add_argument(
+        "--card-failure-rate",
+        type=float,
+        help="share of card network calls that fail with 503, 0-1 (default 0)",
+    )
+    p.add_argument(
+        "--card-network-db",
+        help="the card network's own SQLite file (default: beside the ledger)",
+    )
+    p.add_argument(
+        "--schema", help="PostgreSQL schema of the ledger and oncely's table (default public)"
+    )
+    p.add_argument("--ttl", type=float, help="seconds a response is replayed (default 86400)")
+    p.add_argument("--lease", type=float, help="seconds a request holds its key (default 10)")
+    p.add_argument(
+        "--crash-at",
+        choices=CRASH_POINTS,
+        help="SIGKILL this process the first time a payment reaches this point (tests only)",
+    )
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    return p

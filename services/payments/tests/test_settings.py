@@ -1,0 +1,94 @@
+"""Settings: flags win over ONCELY_PAYMENTS_* environment variables, which win over defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from oncely_payments import Settings
+
+
+def test_the_defaults_are_a_sqlite_file_and_loopback() -> None:
+    settings = Settings.from_args([], {})
+    assert settings == Settings()
+    assert settings.store == "sqlite:payments.db"
+    assert settings.database == Path("payments.db")
+    assert settings.card_network_path == Path("payments-card-network.db")
+    assert (settings.host, settings.port, settings.crash_at) == ("127.0.0.1", 8000, None)
+
+
+def test_environment_variables_and_flags() -> None:
+    env = {
+        "ONCELY_PAYMENTS_STORE": "sqlite:///var/lib/pay/ledger.db",
+        "ONCELY_PAYMENTS_PORT": "9000",
+        "ONCELY_PAYMENTS_HOST": "0.0.0.0",
+        "ONCELY_PAYMENTS_CARD_LATENCY_MS": "25",
+        "ONCELY_PAYMENTS_CARD_FAILURE_RATE": "0.2",
+        "ONCELY_PAYMENTS_TTL": "600",
+        "ONCELY_PAYMENTS_LEASE": "2.5",
+        "ONCELY_PAYMENTS_CRASH_AT": "during_charge",
+    }
+    settings = Settings.from_args([], env)
+    assert settings.database == Path("/var/lib/pay/ledger.db")
+    assert settings.card_network_path == Path("/var/lib/pay/ledger-card-network.db")
+    assert settings.crash_marker("during_charge") == Path(
+        "/var/lib/pay/ledger.crashed-during_charge"
+    )
+    assert (settings.port, settings.host, settings.card_latency_ms) == (9000, "0.0.0.0", 25.0)
+    assert (settings.card_failure_rate, settings.ttl, settings.lease) == (0.2, 600.0, 2.5)
+    assert settings.crash_at == "during_charge"
+
+    flagged = Settings.from_args(
+        ["--port", "9100", "--store", "postgresql://127.0.0.1:5432/pay", "--lease", "1"], env
+    )
+    assert (flagged.port, flagged.lease, flagged.dialect) == (9100, 1.0, "postgresql")
+    assert flagged.database is None
+    assert flagged.card_latency_ms == 25.0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--store", "memory:"],
+        ["--store", "redis://127.0.0.1:6379/0"],
+        ["--store", "sqlite:"],
+        ["--port", "0"],
+        ["--card-failure-rate", "1.5"],
+        ["--card-latency-ms", "-1"],
+        ["--lease", "0"],
+        ["--crash-at", "somewhere"],
+    ],
+)
+def test_bad_flags_are_refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_args(argv, {})
+    assert "error" in capsys.readouterr().err
+
+
+def test_a_bad_environment_variable_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        Settings.from_args([], {"ONCELY_PAYMENTS_PORT": "eighty"})
+    assert "ONCELY_PAYMENTS_PORT" in capsys.readouterr().err
+
+
+def test_the_module_entry_point_documents_its_flags() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "oncely_payments", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for flag in (
+        "--store",
+        "--host",
+        "--port",
+        "--card-latency-ms",
+        "--card-failure-rate",
+        "--ttl",
+        "--lease",
+        "ONCELY_PAYMENTS_STORE",
+    ):
+        assert flag in result.stdout
