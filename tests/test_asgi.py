@@ -1177,3 +1177,15 @@ def collect(into: list[ASGIMessage]) -> Any:
         into.append(message)
 
     return send
+
+
+async def test_single_tenant_may_be_passed_called_or_not() -> None:
+    """scope=single_tenant() is the same scope as scope=single_tenant."""
+    assert single_tenant() is single_tenant
+    async with serve(scope=single_tenant()) as (client, api):
+        h = {"Idempotency-Key": new_key()}
+        first = await client.post("/payments", json=PAYMENT, headers=h)
+        again = await client.post("/payments", json=PAYMENT, headers=h)
+    assert first.status_code == 201
+    assert replayed(again)
+    assert api.runs["/payments"] == 1

@@ -74,3 +74,19 @@ def test_inspect_shows_a_record_by_scope_and_key(
     assert shown["response"] == {"status": 201, "replayable": True, "bytes": 2}
     assert main(["inspect", "--store", f"sqlite:{db}", "--scope", "other", "--key", "k-1"]) == 0
     assert "no record" in capsys.readouterr().out
+
+
+def test_migrate_takes_a_table_name(tmp_path: Path) -> None:
+    db = tmp_path / "cli.db"
+    assert main(["migrate", "--store", f"sqlite:{db}", "--table", "idem_keys"]) == 0
+    with sqlite3.connect(db) as conn:
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    conn.close()
+    assert tables == [("idem_keys",)]
+
+
+def test_an_option_the_store_does_not_take_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["migrate", "--store", f"sqlite:{tmp_path / 'x.db'}", "--schema", "s"]) == 1
+    assert "does not take that option" in capsys.readouterr().err

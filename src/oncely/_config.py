@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from ._errors import ConfigurationError
 
@@ -87,9 +87,27 @@ def scope_from_principal(resolve: Callable[[Request], object] | None = None) -> 
     return scope
 
 
-def single_tenant(request: Request) -> str:
-    """Every request belongs to one tenant: for an API with a single client, or behind one."""
-    return "single-tenant"
+class _SingleTenant:
+    """Every request belongs to one tenant: for an API with a single client, or behind one.
+
+    Pass it as it is (``scope=single_tenant``) or called (``scope=single_tenant()``).
+    """
+
+    SCOPE = "single-tenant"
+
+    @overload
+    def __call__(self) -> _SingleTenant: ...
+    @overload
+    def __call__(self, request: Request) -> str: ...
+
+    def __call__(self, request: Request | None = None) -> str | _SingleTenant:
+        return self if request is None else self.SCOPE
+
+    def __repr__(self) -> str:
+        return "single_tenant"
+
+
+single_tenant = _SingleTenant()
 
 
 def _compile(pattern: str) -> re.Pattern[str]:

@@ -69,8 +69,20 @@ async def _inspect(store: AsyncStore, scope: str, key: str, namespace: str) -> s
     )
 
 
+def _store_options(args: argparse.Namespace) -> dict[str, str]:
+    options = {}
+    for name in ("schema", "table", "prefix"):
+        value = getattr(args, name, None)
+        if value:
+            options[name] = value
+    return options
+
+
 async def _with_store(url: str, action: str, args: argparse.Namespace) -> str:
-    store = open_store(url)
+    try:
+        store = open_store(url, **_store_options(args))
+    except TypeError as exc:
+        raise ConfigurationError(f"this store does not take that option: {exc}") from exc
     try:
         if action == "migrate":
             return await _migrate(store)
@@ -91,6 +103,9 @@ def _parser() -> argparse.ArgumentParser:
     ):
         cmd = sub.add_parser(name, help=text, description=text)
         cmd.add_argument("--store", default=DEFAULT_STORE, help="store URL (env ONCELY_STORE)")
+        cmd.add_argument("--schema", help="PostgreSQL schema of the records table")
+        cmd.add_argument("--table", help="records table name (SQLite, PostgreSQL)")
+        cmd.add_argument("--prefix", help="Redis key prefix")
         if name == "purge":
             cmd.add_argument("--batch", type=int, default=1000, help="records per batch")
         if name == "inspect":
