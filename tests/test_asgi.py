@@ -1189,3 +1189,34 @@ async def test_single_tenant_may_be_passed_called_or_not() -> None:
     assert first.status_code == 201
     assert replayed(again)
     assert api.runs["/payments"] == 1
+
+
+class CompleteFailsOnce(MemoryStore):
+    """A store whose first complete fails after it was written (its reply lost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.completes = 0
+
+    async def complete(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        self.completes += 1
+        done = await super().complete(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
+        if self.completes == 1:
+            raise StoreUnavailable("connection reset after the write")
+        return done
+
+
+async def test_a_complete_whose_reply_was_lost_is_retried_and_the_answer_kept() -> None:
+    """One store blip after the app ran neither loses the answer nor runs the app again."""
+    store = CompleteFailsOnce()
+    async with serve(store) as (client, api):
+        h = headers(new_key())
+        first = await client.post("/payments", json=PAYMENT, headers=h)
+        again = await client.post("/payments", json=PAYMENT, headers=h)
+    assert first.status_code == 201
+    assert replayed(again)
+    assert again.content == first.content
+    assert store.completes == 2
+    assert api.runs["/payments"] == 1

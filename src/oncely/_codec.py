@@ -18,8 +18,10 @@ older oncely stay readable.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 __all__ = [
     "FORMAT_VERSION",
@@ -159,6 +161,24 @@ def encode_record(record: Record) -> bytes:
         head["response"] = _response_head(record.response)
         body = record.response.body
     return _head_bytes(head) + b"\0" + body
+
+
+def record_from_columns(row: Sequence[Any], phases: Iterable[Sequence[Any]]) -> Record:
+    """A record from a SQL row: key, fingerprint, state, token, attempt, lease_until,
+    expires_at, forget_at, response (``encode_response`` bytes or NULL); ``phases`` decoded."""
+    key, fp, state, token, attempt, lease_until, expires_at, forget_at, response = row[:9]
+    return Record(
+        key=key,
+        fingerprint=fp,
+        state=State(state),
+        token=token,
+        attempt=attempt,
+        lease_until=lease_until,
+        expires_at=expires_at,
+        forget_at=forget_at,
+        response=None if response is None else decode_response(bytes(response)),
+        phases=tuple((str(name), str(data)) for name, data in phases),
+    )
 
 
 def decode_record(key: str, data: bytes) -> Record:

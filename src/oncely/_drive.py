@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -29,6 +30,22 @@ async def _call_store(awaitable: Awaitable[object], limit: float) -> object:
         raise StoreUnavailable(f"the store did not answer within {limit:g} s") from exc
     except (OSError, ConnectionError) as exc:
         raise StoreUnavailable(f"the store failed: {type(exc).__name__}") from exc
+
+
+# Pauses before retrying a write after the app ran. Such writes are safe to repeat (fenced by
+# the claim's token, and complete is idempotent for its own token), and losing one costs a
+# second run of the request after the lease, so one blip of the store should not.
+WRITE_RETRY_DELAYS = (0.05, 0.25)
+
+
+async def _after_the_app(write: Callable[[], Awaitable[object]], limit: float) -> object:
+    for delay in WRITE_RETRY_DELAYS:
+        try:
+            return await _call_store(write(), limit)
+        except StoreUnavailable as exc:
+            log.warning("oncely: store write failed, retrying in %g s: %s", delay, exc)
+            await asyncio.sleep(delay)
+    return await _call_store(write(), limit)
 
 
 class _Renewal:
@@ -100,14 +117,20 @@ async def adrive(
                     if renewal is not None:
                         await renewal.stop()
             elif isinstance(op, Complete):
-                value = await _call_store(
-                    store.complete(
-                        op.claim, op.response, ttl=op.ttl, tombstone_ttl=op.tombstone_ttl
+                value = await _after_the_app(
+                    functools.partial(
+                        store.complete,
+                        op.claim,
+                        op.response,
+                        ttl=op.ttl,
+                        tombstone_ttl=op.tombstone_ttl,
                     ),
                     store_timeout,
                 )
             elif isinstance(op, Release):
-                value = await _call_store(store.release(op.claim), store_timeout)
+                value = await _after_the_app(
+                    functools.partial(store.release, op.claim), store_timeout
+                )
             else:
                 assert isinstance(op, Sleep)
                 await asyncio.sleep(op.seconds)

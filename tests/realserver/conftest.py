@@ -7,12 +7,15 @@ each server's output goes to a log file, printed after the test (pytest shows it
 
 ``shared_store`` (PostgreSQL, then Redis) gives a test a store of its own on the real server: a
 schema or a key prefix that no one else uses, removed after the test, once its servers are
-stopped. Pass its URL and options to ``servers.start`` (or set them on ``servers``).
+stopped. Pass its URL and options to ``servers.start`` (or set them on ``servers``). ``proxy``
+puts a :class:`StoreProxy` in front of that server (``shared_store.url_via(proxy.port)``), which
+names the store's statements and scripts in what it counts (``STORE_LABELS``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -32,9 +35,11 @@ import pytest
 
 from oncely import Record
 from oncely.stores import AsyncStore
+from oncely.stores import redis as redis_scripts
 from oncely.stores.postgres import PostgresStore
 
 from ..stores import backend_postgres, backend_redis
+from .proxy import StoreProxy
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT = 30.0
@@ -353,3 +358,34 @@ async def shared_store(
             servers.stop_all()
             await backend_redis.delete_prefix(redis_store.client, redis_store.prefix)
             await redis_store.aclose()
+
+
+def sha1_of(script: str) -> bytes:
+    """The SHA1 that EVALSHA names a Lua script by, as sent."""
+    return hashlib.sha1(script.encode()).hexdigest().encode()
+
+
+# What the proxy calls each store operation: a piece of its statement's text, or its script.
+STORE_LABELS: dict[str, dict[bytes, str]] = {
+    "postgres": {
+        b"INSERT INTO": "claim",
+        b"SET response = CASE WHEN state = 'in_flight'": "complete",
+        b"SET lease_until = clock.now +": "renew",
+        b"WITH gone AS": "release",
+    },
+    "redis": {
+        sha1_of(redis_scripts._CLAIM): "claim",
+        sha1_of(redis_scripts._COMPLETE): "complete",
+        sha1_of(redis_scripts._RENEW): "renew",
+        sha1_of(redis_scripts._RELEASE): "release",
+    },
+}
+
+
+@pytest.fixture
+def proxy(shared_store: SharedStore) -> Iterator[StoreProxy]:
+    """A proxy in front of the shared store's server, stopped after the test."""
+    with StoreProxy(
+        shared_store.address, shared_store.kind, STORE_LABELS[shared_store.kind]
+    ) as made:
+        yield made

@@ -16,15 +16,16 @@ Modes, for connections made from then on and for live ones:
 And two one-off faults:
 
 - :meth:`StoreProxy.cut` resets every live connection now; new ones are served.
-- :meth:`StoreProxy.trap` arms a trap for the next client message that contains a pattern (a
+- :meth:`StoreProxy.trap` arms a trap for the next client read that contains a pattern (a
   statement's text, a script's SHA1): the connection carrying it is reset either before the
   message is forwarded (the server never sees it) or after the server has answered it (the
   server did it, the client never hears so).
 
 The proxy also reads the client side of the protocol (PostgreSQL's frontend messages, Redis's
 RESP commands) and counts what clients sent: :meth:`StoreProxy.sent` is a ``Counter`` of message
-names (``Parse``, ``Sync``, ``Query`` ...; ``EVALSHA``, ``HGETALL`` ...), labelled with
-``labels`` (``{b"<sha1>": "claim"}`` counts ``EVALSHA claim``).
+names (``Parse``, ``Sync``, ``Query`` ...; ``EVALSHA``, ``HGETALL`` ...). ``labels`` name
+statements and scripts: a PostgreSQL ``Parse`` or ``Query`` whose text contains a label's bytes
+counts as ``Parse <label>``, a Redis ``EVALSHA`` of a label's SHA1 as ``EVALSHA <label>``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class PostgresFrontend:
     on them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, labels: Mapping[bytes, str]) -> None:
+        self.labels = labels
         self.buf = bytearray()
         self.started = False
         self.opaque = False
@@ -122,8 +124,15 @@ class PostgresFrontend:
             if len(buf) < 1 + size:
                 return names
             kind = chr(buf[0])
+            name = _PG_NAMES.get(kind, kind)
+            if kind in "PQ":
+                text = bytes(buf[5 : 1 + size])
+                for pattern, label in self.labels.items():
+                    if pattern in text:
+                        name = f"{name} {label}"
+                        break
             del buf[: 1 + size]
-            names.append(_PG_NAMES.get(kind, kind))
+            names.append(name)
 
 
 class RedisRequests:
@@ -184,7 +193,10 @@ class Trap:
 
 
 class _Link:
-    """One client connection and, once something is to be forwarded, its upstream connection."""
+    """One client connection and, once something is to be forwarded, its upstream connection.
+
+    Registered with the proxy from the moment it is accepted until both directions are done.
+    """
 
     def __init__(
         self, proxy: StoreProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -195,7 +207,6 @@ class _Link:
         self.frontend = proxy._reader()
         self.muted = False  # a trap is cutting this link: the server's answers go nowhere
         self.answered = asyncio.Event()
-        self.replies: asyncio.Task[None] | None = None
         self.closed = False
 
     def abort(self) -> None:
@@ -207,13 +218,20 @@ class _Link:
         if self.upstream is not None:
             self.upstream[1].transport.abort()
 
+    def _close(self) -> None:
+        """Both directions are done: close what is left open, and forget this link."""
+        self.client_writer.close()
+        if self.upstream is not None:
+            self.upstream[1].close()
+        self.proxy._links.discard(self)
+
     async def run(self) -> None:
         try:
             await self._client_to_server()
         except OSError:
             self.abort()
-        finally:
-            self.proxy._links.discard(self)
+        if self.upstream is None or self.closed:
+            self._close()  # else the server's side closes the link when it is done
 
     async def _client_to_server(self) -> None:
         proxy = self.proxy
@@ -224,9 +242,7 @@ class _Link:
             if self.closed:
                 return
             if not data:
-                if self.upstream is None:
-                    self.client_writer.close()
-                elif self.upstream[1].can_write_eof():
+                if self.upstream is not None and self.upstream[1].can_write_eof():
                     self.upstream[1].write_eof()
                 return
             if self.upstream is None:
@@ -235,7 +251,7 @@ class _Link:
                 except OSError:
                     self.abort()
                     return
-                self.replies = asyncio.create_task(self._server_to_client())
+                proxy._spawn(self._server_to_client())
             writer = self.upstream[1]
             trap = proxy._take_trap(data)
             if (trap is None or trap.forward) and self.frontend is not None:
@@ -258,25 +274,23 @@ class _Link:
 
     async def _server_to_client(self) -> None:
         assert self.upstream is not None
-        reader, upstream_writer = self.upstream
+        reader = self.upstream[0]
         try:
             while True:
                 await self.proxy._flowing.wait()
                 data = await reader.read(CHUNK)
                 await self.proxy._flowing.wait()
-                if self.closed:
+                if self.closed or not data:
                     return
                 if self.muted:
                     self.answered.set()
                     continue
-                if not data:
-                    self.client_writer.close()
-                    upstream_writer.close()
-                    return
                 self.client_writer.write(data)
                 await self.client_writer.drain()
         except OSError:
             self.abort()
+        finally:
+            self._close()
 
 
 class StoreProxy:
@@ -303,13 +317,12 @@ class StoreProxy:
         )
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._flowing = asyncio.Event()  # set while traffic passes; bound to the proxy's loop
         self._flowing.set()
         self._traps: list[Trap] = []
         self._lock = threading.Lock()
         self._sent: Counter[str] = Counter()
-        self.accepted = 0
-        self.refused = 0
 
     # Run by the test ---------------------------------------------------------------------------
 
@@ -349,17 +362,10 @@ class StoreProxy:
             self._traps.append(trap)
         return trap
 
-    def disarm(self) -> None:
-        with self._lock:
-            self._traps.clear()
-
     def sent(self) -> Counter[str]:
         """What clients have sent through the proxy so far, by message name."""
         with self._lock:
             return Counter(self._sent)
-
-    def live(self) -> int:
-        return self._call(self._live())
 
     # On the proxy's loop -----------------------------------------------------------------------
 
@@ -374,10 +380,11 @@ class StoreProxy:
         await self._cut()
         self._flowing.set()
         await self._server.wait_closed()
+        # Every connection is reset and traffic flows: what is left ends by itself.
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in others:
+        _, pending = await asyncio.wait(others, timeout=CONTROL_TIMEOUT / 2) if others else ((), ())
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*others, return_exceptions=True)
 
     async def _set_mode(self, mode: Mode) -> None:
         self.mode = mode
@@ -395,22 +402,22 @@ class StoreProxy:
         self._links.clear()
         return len(links)
 
-    async def _live(self) -> int:
-        return len(self._links)
-
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.mode is Mode.REFUSE:
-            self.refused += 1
             writer.transport.abort()
             return
-        self.accepted += 1
         link = _Link(self, reader, writer)
         self._links.add(link)
         await link.run()
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)  # a task no one holds can be collected while it waits
+        task.add_done_callback(self._tasks.discard)
+
     def _reader(self) -> Reader | None:
         if self.protocol == "postgres":
-            return PostgresFrontend()
+            return PostgresFrontend(self.labels)
         if self.protocol == "redis":
             return RedisRequests(self.labels)
         return None

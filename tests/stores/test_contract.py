@@ -180,11 +180,16 @@ async def test_release_frees_the_key_for_a_fresh_claim(backend: Backend) -> None
     assert not await backend.store.release(won)
 
 
-async def test_complete_only_once(backend: Backend) -> None:
+async def test_complete_again_by_its_owner_changes_nothing_and_says_stored(
+    backend: Backend,
+) -> None:
     key = new_key()
     won = await claim(backend, key)
     assert await backend.store.complete(won, response(b"one"), ttl=100, tombstone_ttl=10)
-    assert not await backend.store.complete(won, response(b"two"), ttl=100, tombstone_ttl=10)
+    first = await backend.store.get(key)
+    backend.advance(5)
+    assert await backend.store.complete(won, response(b"two"), ttl=100, tombstone_ttl=10)
+    assert await backend.store.get(key) == first
     assert not await backend.store.release(won)
     seen = await existing(backend, key)
     assert seen.record.response is not None

@@ -463,3 +463,21 @@ async def test_a_statement_timeout_and_a_full_pool_are_store_unavailable(schema:
             assert isinstance(cancelled.value.__cause__, psycopg.errors.QueryCanceled)
             await holder.rollback()
         assert (await existing(store, key)).record.fingerprint == FP
+
+
+async def test_a_claim_survives_pooled_connections_killed_by_the_server(
+    store: PostgresStore, schema: str
+) -> None:
+    """After the server drops the pooled connections (a restart, a cut), claims still work."""
+    await claimed(store, new_key())  # opens the pool; its connection last ran our claim
+    async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as admin:
+        cur = await admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND query LIKE %s",
+            (f"%{schema}%",),
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    assert row[0] >= 1
+    for _ in range(3):
+        await claimed(store, new_key())

@@ -44,7 +44,9 @@ class AsyncStore(Protocol):
     ) -> bool:
         """Store the response for ``ttl`` seconds, the fingerprint for ``tombstone_ttl`` more.
 
-        False, and nothing written, when ``claim`` no longer owns the key.
+        False, and nothing written, when ``claim`` no longer owns the key. Idempotent for its own
+        token: completing again writes nothing and answers True, so a retry after a lost reply
+        learns that its response is the one stored.
         """
         ...
 

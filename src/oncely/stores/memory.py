@@ -48,6 +48,13 @@ class MemoryStore:
         self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
     ) -> bool:
         with self._lock:
+            current = self._records.get(claim.key)
+            if (
+                current is not None
+                and current.token == claim.token
+                and current.state is State.COMPLETED
+            ):
+                return True  # idempotent for its own token: a retry learns it is stored
             record = self._owned(claim)
             if record is None:
                 return False

@@ -57,16 +57,15 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .._codec import (
     Claimed,
     Existing,
     Record,
-    State,
     StoredResponse,
-    decode_response,
     encode_response,
+    record_from_columns,
 )
 from .._errors import ConfigurationError, StoreUnavailable
 from ._rules import ABANDONED_RETENTION, new_token
@@ -161,14 +160,20 @@ _TAKEOVER = (
 _OWNED = "key = %(key)s AND token = %(token)s AND state = 'in_flight'"
 
 # Also run by handlers on their own connection, inside their transaction (TransactionalStore).
+# Idempotent for its own token: completing again (a retry after a lost reply) matches the row
+# and changes nothing, so the caller learns that its response is the one stored.
 _COMPLETE = """
 UPDATE {table}
-SET state = 'completed', response = %(response)s,
-    expires_at = clock.now + CAST(%(ttl)s AS double precision),
-    forget_at = clock.now + CAST(%(ttl)s AS double precision)
-                + CAST(%(tombstone_ttl)s AS double precision)
+SET response = CASE WHEN state = 'in_flight' THEN %(response)s ELSE response END,
+    expires_at = CASE WHEN state = 'in_flight'
+        THEN clock.now + CAST(%(ttl)s AS double precision) ELSE expires_at END,
+    forget_at = CASE WHEN state = 'in_flight'
+        THEN clock.now + CAST(%(ttl)s AS double precision)
+             + CAST(%(tombstone_ttl)s AS double precision)
+        ELSE forget_at END,
+    state = 'completed'
 FROM (SELECT {clock} AS now) AS clock
-WHERE {owned}
+WHERE key = %(key)s AND token = %(token)s AND state IN ('in_flight', 'completed')
 """
 
 _RECORD_PHASE = """
@@ -319,19 +324,7 @@ def render_statements(schema: str, table: str) -> Statements:
 
 def record_from_row(row: tuple[Any, ...]) -> Record:
     """A :class:`Record` from the first ten columns of a claim or get row."""
-    key, fp, state, token, attempt, lease_until, expires_at, forget_at, response, phases = row[:10]
-    return Record(
-        key=key,
-        fingerprint=fp,
-        state=State(state),
-        token=token,
-        attempt=attempt,
-        lease_until=lease_until,
-        expires_at=expires_at,
-        forget_at=forget_at,
-        response=None if response is None else decode_response(bytes(response)),
-        phases=tuple((str(name), str(data)) for name, data in phases),
-    )
+    return record_from_columns(row, row[9])
 
 
 def claim_params(
@@ -593,7 +586,18 @@ class PostgresStore:
     async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
         token = new_token()
         params = claim_params(key, fingerprint, token, lease=lease, offset=self.time_offset)
-        row = await self._fetchone(self.statements.claim, params)
+        try:
+            row = await self._fetchone(self.statements.claim, params)
+        except StoreUnavailable as exc:
+            # A pooled connection that died (a database restart, a cut) fails once; the pool
+            # drops it. Claiming again with the SAME token is safe: had the first statement
+            # landed, the row carries this token and the claim is recognised as ours.
+            cause = exc.__cause__
+            if not isinstance(cause, psycopg.OperationalError) or isinstance(
+                cause, PoolTimeout | psycopg.errors.QueryCanceled
+            ):
+                raise
+            row = await self._fetchone(self.statements.claim, params)
         assert row is not None
         return claim_result(row, token)
 

@@ -115,6 +115,9 @@ _COMPLETE = (
     _PRELUDE
     + """
 local key = KEYS[1]
+local cur = redis.call('HMGET', key, 'token', 'state')
+-- Idempotent for its own token: a retry after a lost reply learns its response is stored.
+if cur[1] == ARGV[1] and cur[2] == 'completed' then return 1 end
 if not owned(key, ARGV[1]) then return 0 end
 local now = clock(ARGV[4])
 local expires_at = now + tonumber(ARGV[2])

@@ -27,10 +27,9 @@ from .._codec import (
     Claimed,
     Existing,
     Record,
-    State,
     StoredResponse,
-    decode_response,
     encode_response,
+    record_from_columns,
 )
 from .._errors import ConfigurationError, StoreUnavailable
 from ._rules import ABANDONED_RETENTION, new_token
@@ -93,19 +92,7 @@ def _claim_sql(table: str) -> str:
 
 
 def _record(row: tuple[Any, ...]) -> Record:
-    key, fp, state, token, attempt, lease_until, expires_at, forget_at, response, phases = row
-    return Record(
-        key=key,
-        fingerprint=fp,
-        state=State(state),
-        token=token,
-        attempt=attempt,
-        lease_until=lease_until,
-        expires_at=expires_at,
-        forget_at=forget_at,
-        response=None if response is None else decode_response(bytes(response)),
-        phases=tuple((str(n), str(d)) for n, d in json.loads(phases)),
-    )
+    return record_from_columns(row, json.loads(row[9]))
 
 
 def _path_of(url: str) -> str:
@@ -231,10 +218,15 @@ class SQLiteStore:
     ) -> tuple[str, dict[str, Any]]:
         """The completing UPDATE, for this store or for a handler's own transaction."""
         now = self._clock()
+        # Idempotent for its own token: completing again (a retry after a lost reply) matches
+        # the row and changes nothing.
         sql = (
-            f"UPDATE {self.table} SET state = 'completed', response = :response, "
-            "expires_at = :expires_at, forget_at = :forget_at "
-            "WHERE key = :key AND token = :token AND state = 'in_flight'"
+            f"UPDATE {self.table} SET "
+            "response = CASE WHEN state = 'in_flight' THEN :response ELSE response END, "
+            "expires_at = CASE WHEN state = 'in_flight' THEN :expires_at ELSE expires_at END, "
+            "forget_at = CASE WHEN state = 'in_flight' THEN :forget_at ELSE forget_at END, "
+            "state = 'completed' "
+            "WHERE key = :key AND token = :token AND state IN ('in_flight', 'completed')"
         )
         return sql, {
             "response": encode_response(response),
