@@ -32,5 +32,9 @@ test: lint typecheck
 demo: $(STAMP)
 	$(BIN)/python -m oncely_payments.demo $(ARGS)
 
+# Load benchmarks (by hand, minutes; see benchmarks/README.md): make bench ARGS="--quick"
+bench:
+	$(PYTHON) benchmarks/run.py $(ARGS)
+
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
