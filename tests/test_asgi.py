@@ -890,6 +890,8 @@ async def test_an_app_that_returns_without_answering_releases_the_key() -> None:
 class BrokenStore(MemoryStore):
     """A store whose every operation fails as the given error, or never answers."""
 
+    in_process = False  # it may hang: the middleware must time it out
+
     def __init__(self, error: BaseException | None) -> None:
         super().__init__()
         self.error = error

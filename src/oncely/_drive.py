@@ -20,8 +20,11 @@ log = logging.getLogger("oncely")
 RunApp = Callable[[Claimed | None], Awaitable[Ran | AppFailed]]
 
 
-async def _call_store(awaitable: Awaitable[object], limit: float) -> object:
+async def _call_store(awaitable: Awaitable[object], limit: float | None) -> object:
+    """Await a store operation within ``limit`` seconds (None: the store bounds itself)."""
     try:
+        if limit is None:
+            return await awaitable
         async with asyncio.timeout(limit):
             return await awaitable
     except StoreUnavailable:
@@ -38,7 +41,7 @@ async def _call_store(awaitable: Awaitable[object], limit: float) -> object:
 WRITE_RETRY_DELAYS = (0.05, 0.25)
 
 
-async def _after_the_app(write: Callable[[], Awaitable[object]], limit: float) -> object:
+async def _after_the_app(write: Callable[[], Awaitable[object]], limit: float | None) -> object:
     for delay in WRITE_RETRY_DELAYS:
         try:
             return await _call_store(write(), limit)
@@ -93,6 +96,9 @@ async def adrive(
     flow: Flow, store: AsyncStore, run_app: RunApp, *, lease: float, store_timeout: float
 ) -> Outcome:
     """Run ``flow`` to its outcome, doing its operations against ``store`` and ``run_app``."""
+    # Stores in this process (memory, SQLite) bound their own waits (SQLite's busy_timeout);
+    # a timer per operation would cost more than the operation.
+    limit: float | None = None if getattr(store, "in_process", False) else store_timeout
     send = flow.send
     value: object = None
     while True:
@@ -105,7 +111,7 @@ async def adrive(
         try:
             if isinstance(op, Claim):
                 value = await _call_store(
-                    store.claim(op.key, op.fingerprint, lease=op.lease), store_timeout
+                    store.claim(op.key, op.fingerprint, lease=op.lease), limit
                 )
             elif isinstance(op, Run):
                 renewal = (
@@ -125,12 +131,10 @@ async def adrive(
                         ttl=op.ttl,
                         tombstone_ttl=op.tombstone_ttl,
                     ),
-                    store_timeout,
+                    limit,
                 )
             elif isinstance(op, Release):
-                value = await _after_the_app(
-                    functools.partial(store.release, op.claim), store_timeout
-                )
+                value = await _after_the_app(functools.partial(store.release, op.claim), limit)
             else:
                 assert isinstance(op, Sleep)
                 await asyncio.sleep(op.seconds)

@@ -41,9 +41,13 @@ def normalize_query(query: str) -> str:
     return urlencode(sorted(pairs))
 
 
-def _number(value: float) -> object:
-    # RFC 8785 compares numbers as IEEE doubles: 1 == 1.0 == 1e0. A number too large for a
-    # double (1e400) is no JSON number this canonical form can tell apart: take the bytes.
+def _number(text: str) -> object:
+    """A JSON number with a fraction or exponent, as RFC 8785 compares it: an IEEE double.
+
+    1 == 1.0 == 1e0, so an integral value becomes an int. A number too large for a double
+    (1e400) is no number this canonical form can tell apart: the body is taken as bytes.
+    """
+    value = float(text)
     if not math.isfinite(value):
         raise ValueError("a JSON number out of the range of a double")
     if value.is_integer() and abs(value) < 2**53:
@@ -51,14 +55,9 @@ def _number(value: float) -> object:
     return value
 
 
-def _normalize(value: object) -> object:
-    if isinstance(value, dict):
-        return {k: _normalize(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_normalize(v) for v in value]
-    if isinstance(value, float):
-        return _number(value)
-    return value
+def _loads(body: bytes) -> object:
+    # Numbers are normalized as they are parsed, so no second walk over the document.
+    return json.loads(body, parse_float=_number, parse_constant=_reject_constant)
 
 
 def _reject_constant(name: str) -> object:
@@ -68,7 +67,7 @@ def _reject_constant(name: str) -> object:
 def canonical_json(body: bytes) -> bytes | None:
     """The canonical form of a JSON document, or None when it is not JSON."""
     try:
-        return _dump(_normalize(json.loads(body, parse_constant=_reject_constant)))
+        return _dump(_loads(body))
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
 
@@ -95,7 +94,7 @@ def _canonical_body(mt: str, body: bytes, ignore: tuple[str, ...]) -> tuple[str,
     if _is_json(mt):
         try:
             # Nesting that json.loads accepts can still be too deep to normalize or dump.
-            value = _normalize(json.loads(body, parse_constant=_reject_constant))
+            value = _loads(body)
             for field in ignore:
                 _drop_path(value, field.split("."))
             return "json", _dump(value)
@@ -122,7 +121,8 @@ def fingerprint(
     """The versioned fingerprint of a request; equal for requests that mean the same."""
     kind, canonical = _canonical_body(media_type(content_type), body, tuple(ignore_fields))
     h = hashlib.sha256()
-    for part in (FINGERPRINT_VERSION, method.upper(), path, normalize_query(query), kind):
+    normalized = normalize_query(query) if query else ""
+    for part in (FINGERPRINT_VERSION, method.upper(), path, normalized, kind):
         encoded = part.encode("utf-8", "surrogatepass")
         h.update(len(encoded).to_bytes(4, "big"))
         h.update(encoded)

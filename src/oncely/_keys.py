@@ -18,7 +18,8 @@ MAX_KEY_LENGTH = 255
 
 
 def _visible(text: str) -> bool:
-    return all("\x21" <= ch <= "\x7e" for ch in text)
+    # ASCII, printable (%x20-7E), and no space: exactly %x21-7E.
+    return text.isascii() and text.isprintable() and " " not in text
 
 
 def _unquote_sf_string(value: str) -> str:

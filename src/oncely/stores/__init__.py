@@ -8,6 +8,9 @@ token still owns the key, so a process whose lease was taken over cannot touch t
 record (fencing).
 
 Backend trouble is raised as :class:`oncely.StoreUnavailable`, wrapping the driver's error.
+A store whose operations never wait on anything unbounded may say so with a class attribute
+``in_process = True``; the middleware then spares the timer it otherwise puts around each call
+(``store_timeout``).
 
     open_store("memory:")                                   # tests; one process
     open_store("sqlite:oncely.db")                          # the default; processes on one host

@@ -20,6 +20,10 @@ __all__ = ["MemoryStore"]
 class MemoryStore:
     """Records in a dict; ``clock`` is injectable so tests move time without sleeping."""
 
+    # Operations finish without waiting on anything: the driver needs no timer around them.
+    # (A subclass whose operations may wait must set this to False.)
+    in_process = True
+
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._records: dict[str, Record] = {}

@@ -4,12 +4,19 @@
   ``extract(epoch FROM clock_timestamp()) + time_offset``, so API hosts whose clocks disagree
   still agree on when a lease or a replay window ends. ``time_offset`` (seconds, default 0) is a
   public attribute; tests move time with it instead of sleeping.
-- ``claim`` is ONE statement: ``INSERT … ON CONFLICT (key) DO UPDATE`` whose every column is a
-  CASE over the old row (the rule of ``stores/_rules.py``), returning the row and the server's
-  now. The caller owns the key exactly when the returned token is the one it proposed. A claim
-  that loses still rewrites the row unchanged: that is what makes the conflicting row visible
-  to RETURNING under READ COMMITTED, where ``DO NOTHING`` and a second read could miss a row
-  committed after the statement's snapshot.
+- ``claim`` is ONE statement (one round trip) that writes only when the caller wins. It reads
+  the record under the key; when there is one the caller cannot take (by the rule of
+  ``stores/_rules.py``: a replay, a request in flight), that record and the server's now are the
+  answer, and nothing is written: no new row version, no row lock, no WAL. Otherwise
+  ``INSERT … ON CONFLICT (key) DO UPDATE … WHERE <the caller wins>`` takes the key and returns
+  the new record. The caller owns the key exactly when the returned token is the one it
+  proposed.
+- The read sees the statement's snapshot, while ``ON CONFLICT`` judges the newest committed row.
+  When another claim of the key commits between the two (the snapshot had no record, or one the
+  caller could take, and the newest one is not), the statement returns no row and is run again:
+  the new snapshot sees that commit. Each repeat needs yet another claim of the same key to
+  commit in that short window, so a few are plenty; a claim that still has no answer after
+  ``CLAIM_TRIES`` statements raises :class:`oncely.StoreUnavailable`.
 - ``complete``, ``record_phase``, ``release`` and ``renew`` are one statement each, guarded by
   key, fencing token and ``state = 'in_flight'``. ``release`` deletes the record, or, when
   recovery points were recorded, expires its lease and keeps them: two data-modifying CTEs with
@@ -26,14 +33,21 @@
   not race, and only creates what is missing. A role without DDL rights works once the table
   exists.
 
+Statements are prepared on the server: each of the store's few fixed statements is parsed and
+planned once per connection, then only bound and executed (``prepare_threshold``, 0 by default,
+is psycopg's: how many times a statement runs on a connection before it is prepared).
+
 Fit for PgBouncer in transaction mode. The store keeps no session state: connections are in
 autocommit, every operation is a single statement (its own transaction), ``migrate`` takes a
-transaction-scoped lock only, and nothing is ``SET`` on a session. No server-side prepared
-statement is needed (connections use ``prepare_threshold=None``, so only the unnamed statement
-of the extended protocol is used). ``search_path`` is not relied on: every statement names the
-table with its schema, quoted. One exception: ``statement_timeout`` is sent as a startup
-parameter (``options=-c statement_timeout=…``), which PgBouncer refuses unless configured to
-accept it; behind PgBouncer leave it unset and set it on the role instead
+transaction-scoped lock only, and nothing is ``SET`` on a session. Prepared statements need
+PgBouncer 1.21 or later with ``max_prepared_statements`` above 0, which tracks protocol-level
+prepared statements across server connections. With an older PgBouncer, or with
+``max_prepared_statements = 0``, pass ``prepare_threshold=None`` (or add
+``?prepare_threshold=none`` to the URL): then only the unnamed statement of the extended protocol
+is used. ``search_path`` is not relied on: every statement names the table with its schema,
+quoted. One exception: ``statement_timeout`` is sent as a startup parameter
+(``options=-c statement_timeout=…``), which PgBouncer refuses unless configured to accept it;
+behind PgBouncer leave it unset and set it on the role instead
 (``ALTER ROLE … SET statement_timeout = '5s'``).
 
 The SQL is kept in module-level constants, rendered for one table by :func:`render_statements`,
@@ -53,6 +67,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote_plus
 
 import psycopg
 from psycopg import sql
@@ -70,7 +85,11 @@ from .._codec import (
 from .._errors import ConfigurationError, StoreUnavailable
 from ._rules import ABANDONED_RETENTION, new_token
 
-__all__ = ["PURGE_BATCH", "PostgresStore", "Statements", "render_statements"]
+__all__ = ["CLAIM_TRIES", "PURGE_BATCH", "PostgresStore", "Statements", "render_statements"]
+
+# Claim statements one claim runs at most while claims committed concurrently keep it from an
+# answer (see the module docstring).
+CLAIM_TRIES = 5
 
 # Rows one purge statement deletes (or strips) at most: short statements, short row locks.
 PURGE_BATCH = 500
@@ -124,36 +143,51 @@ SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %(schema)s)
 # Held until the end of the migrating transaction (fit for PgBouncer's transaction mode).
 _MIGRATE_LOCK = "SELECT pg_advisory_xact_lock(%(lock)s)"
 
-# The claim rule of stores/_rules.py in one statement. In DO UPDATE, r.* is the old row and
-# excluded.* the proposed one; every CASE sees the old row. `clock` is read once.
-#   fresh:    the old record is past forget_at: start over (attempt 1, no recovery points)
-#   takeover: in flight, lease expired, same fingerprint: new token, attempt + 1, phases kept
+# The claim rule of stores/_rules.py in one statement; `clock` is read once.
+#   standing: the record under the key, when the caller cannot take it (a replay, a request in
+#             flight): it is the answer, and the INSERT does not run.
+#   won:      otherwise the key is taken: inserted, or, on a conflict, the newest committed row
+#             is overwritten when the caller wins against it (r.* is that row):
+#     fresh:    the old record is past forget_at: start over (attempt 1, no recovery points)
+#     takeover: in flight, lease expired, same fingerprint: new token, attempt + 1, phases kept
+# At most one of the two has a row. Neither does when a claim committed after the statement's
+# snapshot decides the conflict against the caller: the store runs the statement again.
 _CLAIM = """
-WITH clock AS MATERIALIZED (SELECT {clock} AS now)
-INSERT INTO {table} AS r ({columns})
-SELECT %(key)s, %(fp)s, 'in_flight', %(token)s, 1,
-       now + CAST(%(lease)s AS double precision),
-       now + CAST(%(lease)s AS double precision),
-       now + CAST(%(lease)s AS double precision) + CAST(%(retention)s AS double precision),
-       NULL, '[]'
-FROM clock
-ON CONFLICT (key) DO UPDATE SET
-    fingerprint = CASE WHEN {fresh} THEN excluded.fingerprint ELSE r.fingerprint END,
-    state       = CASE WHEN {win} THEN 'in_flight' ELSE r.state END,
-    attempt     = CASE WHEN {fresh} THEN 1 WHEN {takeover} THEN r.attempt + 1
-                       ELSE r.attempt END,
-    response    = CASE WHEN {win} THEN NULL ELSE r.response END,
-    phases      = CASE WHEN {fresh} THEN '[]' ELSE r.phases END,
-    lease_until = CASE WHEN {win} THEN excluded.lease_until ELSE r.lease_until END,
-    expires_at  = CASE WHEN {win} THEN excluded.expires_at ELSE r.expires_at END,
-    forget_at   = CASE WHEN {win} THEN excluded.forget_at ELSE r.forget_at END,
-    token       = CASE WHEN {win} THEN excluded.token ELSE r.token END
-RETURNING {returning}, (SELECT now FROM clock)
+WITH clock AS MATERIALIZED (SELECT {clock} AS now),
+standing AS MATERIALIZED (
+    SELECT {columns} FROM {table} AS r
+    WHERE r.key = %(key)s AND NOT {win}
+),
+won AS (
+    INSERT INTO {table} AS r ({columns})
+    SELECT %(key)s, %(fp)s, 'in_flight', %(token)s, 1,
+           now + CAST(%(lease)s AS double precision),
+           now + CAST(%(lease)s AS double precision),
+           now + CAST(%(lease)s AS double precision) + CAST(%(retention)s AS double precision),
+           NULL, '[]'
+    FROM clock
+    WHERE NOT EXISTS (SELECT 1 FROM standing)
+    ON CONFLICT (key) DO UPDATE SET
+        fingerprint = excluded.fingerprint,
+        state       = 'in_flight',
+        token       = excluded.token,
+        attempt     = CASE WHEN {fresh} THEN 1 ELSE r.attempt + 1 END,
+        lease_until = excluded.lease_until,
+        expires_at  = excluded.expires_at,
+        forget_at   = excluded.forget_at,
+        response    = NULL,
+        phases      = CASE WHEN {fresh} THEN '[]' ELSE r.phases END
+    WHERE {win}
+    RETURNING {returning}
+)
+SELECT {columns}, (SELECT now FROM clock) FROM won
+UNION ALL
+SELECT {columns}, (SELECT now FROM clock) FROM standing
 """
 _FRESH = "(r.forget_at <= (SELECT now FROM clock))"
 _TAKEOVER = (
     "(r.state = 'in_flight' AND r.lease_until <= (SELECT now FROM clock) "
-    "AND r.fingerprint = excluded.fingerprint)"
+    "AND r.fingerprint = %(fp)s)"
 )
 
 # Every write after a claim is fenced by the claim's token.
@@ -355,6 +389,36 @@ def claim_result(row: tuple[Any, ...], token: str) -> Claimed | Existing:
     )
 
 
+def _take_query_option(url: str, name: str) -> tuple[str, str | None]:
+    """``url`` without query parameter ``name``, and its last value (None when absent).
+
+    Only URLs (``postgresql://…``) have a query; the other parameters are kept as written.
+    """
+    base, mark, query = url.partition("?")
+    if not mark or "://" not in base:
+        return url, None
+    kept, value = [], None
+    for part in query.split("&"):
+        key, _, given = part.partition("=")
+        if unquote_plus(key) == name:
+            value = unquote_plus(given)
+        else:
+            kept.append(part)
+    return (f"{base}?{'&'.join(kept)}" if kept else base), value
+
+
+def _threshold_from_text(text: str) -> int | None:
+    word = text.strip().lower()
+    if word in ("none", "null", "off", ""):
+        return None
+    try:
+        return int(word)
+    except ValueError:
+        raise ConfigurationError(
+            f"prepare_threshold must be a count >= 0 or none, not {text!r}"
+        ) from None
+
+
 ConfigureCallback = Callable[["psycopg.AsyncConnection[Any]"], Awaitable[None]]
 
 T = TypeVar("T")
@@ -397,7 +461,10 @@ class PostgresStore:
     ``connect_timeout`` wins when this is not given); ``statement_timeout`` (seconds, unset by
     default) is sent as a startup parameter; ``time_offset`` is added to the server's clock;
     ``configure`` is awaited with each new connection (it must leave no session state behind if
-    the store sits behind PgBouncer).
+    the store sits behind PgBouncer); ``prepare_threshold`` (0 by default, ``None`` for none) is
+    how many times a statement runs on a connection before it is prepared on the server (see the
+    module docstring about PgBouncer). :meth:`from_url` also reads it from the URL's query,
+    ``?prepare_threshold=none`` or a count.
 
     Also a :class:`oncely.TransactionalStore`: recovery points and the response can be written
     by the handler's own psycopg (or SQLAlchemy) connection to the same database, inside its
@@ -419,6 +486,7 @@ class PostgresStore:
         statement_timeout: float | None = None,
         time_offset: float = 0.0,
         configure: ConfigureCallback | None = None,
+        prepare_threshold: int | None = 0,
     ) -> None:
         if min_size < 0 or max_size < 1 or max_size < min_size:
             raise ConfigurationError(
@@ -430,6 +498,14 @@ class PostgresStore:
         if statement_timeout is not None and statement_timeout <= 0:
             raise ConfigurationError(
                 f"statement_timeout must be positive or None, not {statement_timeout!r}"
+            )
+        if prepare_threshold is not None and (
+            not isinstance(prepare_threshold, int)
+            or isinstance(prepare_threshold, bool)
+            or prepare_threshold < 0
+        ):
+            raise ConfigurationError(
+                f"prepare_threshold must be a count >= 0 or None, not {prepare_threshold!r}"
             )
         try:
             given = conninfo_to_dict(conninfo)
@@ -443,7 +519,8 @@ class PostgresStore:
         self._min_size, self._max_size = min_size, max_size
         self._pool_timeout = pool_timeout
         self._configure = configure
-        kwargs: dict[str, Any] = {"autocommit": True, "prepare_threshold": None}
+        self.prepare_threshold = prepare_threshold
+        kwargs: dict[str, Any] = {"autocommit": True, "prepare_threshold": prepare_threshold}
         if connect_timeout is None:
             in_url = given.get("connect_timeout")
             connect_timeout = 5.0 if in_url is None else float(in_url)
@@ -461,6 +538,14 @@ class PostgresStore:
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
+        """A store for ``url``; ``prepare_threshold`` may be in its query (an option given here
+        wins), and is read from text as ``none`` or a count."""
+        url, in_url = _take_query_option(url, "prepare_threshold")
+        if in_url is not None:
+            options.setdefault("prepare_threshold", in_url)
+        threshold = options.get("prepare_threshold")
+        if isinstance(threshold, str):
+            options["prepare_threshold"] = _threshold_from_text(threshold)
         return cls(url, **options)
 
     def __repr__(self) -> str:
@@ -515,24 +600,24 @@ class PostgresStore:
             "strip_index": s.strip_index,
         }
         if only_if_missing:
-            cur = await conn.execute(s.existing, names)
+            cur = await conn.execute(s.existing, names, prepare=False)
             row = await cur.fetchone()
             if row is not None and all(row):
                 return
         async with conn.transaction():
-            await conn.execute(s.lock, {"lock": s.migrate_lock})
-            cur = await conn.execute(s.existing, names)
+            await conn.execute(s.lock, {"lock": s.migrate_lock}, prepare=False)
+            cur = await conn.execute(s.existing, names, prepare=False)
             row = await cur.fetchone()
             assert row is not None
             has_schema, has_table, has_forget, has_strip = row
             if not has_schema:
-                await conn.execute(s.create_schema)
+                await conn.execute(s.create_schema, prepare=False)
             if not has_table:
-                await conn.execute(s.create_table)
+                await conn.execute(s.create_table, prepare=False)
             if not has_forget:
-                await conn.execute(s.create_forget_index)
+                await conn.execute(s.create_forget_index, prepare=False)
             if not has_strip:
-                await conn.execute(s.create_strip_index)
+                await conn.execute(s.create_strip_index, prepare=False)
 
     async def migrate(self) -> None:
         """Create the schema, table and indexes that are missing; safe to run at any time,
@@ -540,21 +625,31 @@ class PostgresStore:
         async with self._connection() as conn:
             await self._migrate(conn, only_if_missing=False)
 
-    async def _fetchone(self, query: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
-        async def run() -> tuple[Any, ...] | None:
-            async with self._connection() as conn:
-                cur = await conn.execute(query, params, binary=True)
-                return await cur.fetchone()
+    async def _run(self, query: str, params: Mapping[str, Any], *, rows: bool) -> Any:
+        """One statement on a pooled connection: its first row (``rows``), else its row count.
 
-        return await _promptly(run())
+        The pool's ``getconn``/``putconn`` rather than its ``connection()`` context: in
+        autocommit there is no transaction to end on the way out, and ``putconn`` still discards
+        or resets a connection left broken or busy.
+        """
+        try:
+            pool = self._pool if self._ready and self._pool is not None else await self._open()
+            conn = await pool.getconn()
+            try:
+                cur = await conn.execute(query, params, binary=True)
+                return await cur.fetchone() if rows else cur.rowcount
+            finally:
+                await pool.putconn(conn)
+        except psycopg.Error as exc:
+            raise self._unavailable(exc) from exc
+
+    async def _fetchone(self, query: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = await _promptly(self._run(query, params, rows=True))
+        return row
 
     async def _rowcount(self, query: str, params: Mapping[str, Any]) -> int:
-        async def run() -> int:
-            async with self._connection() as conn:
-                cur = await conn.execute(query, params)
-                return cur.rowcount
-
-        return await _promptly(run())
+        count: int = await _promptly(self._run(query, params, rows=False))
+        return count
 
     # The statements a handler runs on its own connection, in its own transaction
     # (oncely.TransactionalStore): the same ones the store runs.
@@ -586,20 +681,27 @@ class PostgresStore:
     async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
         token = new_token()
         params = claim_params(key, fingerprint, token, lease=lease, offset=self.time_offset)
-        try:
-            row = await self._fetchone(self.statements.claim, params)
-        except StoreUnavailable as exc:
-            # A pooled connection that died (a database restart, a cut) fails once; the pool
-            # drops it. Claiming again with the SAME token is safe: had the first statement
-            # landed, the row carries this token and the claim is recognised as ours.
-            cause = exc.__cause__
-            if not isinstance(cause, psycopg.OperationalError) or isinstance(
-                cause, PoolTimeout | psycopg.errors.QueryCanceled
-            ):
-                raise
-            row = await self._fetchone(self.statements.claim, params)
-        assert row is not None
-        return claim_result(row, token)
+        for _ in range(CLAIM_TRIES):
+            try:
+                row = await self._fetchone(self.statements.claim, params)
+            except StoreUnavailable as exc:
+                # A pooled connection that died (a database restart, a cut) fails once; the pool
+                # drops it. Claiming again with the SAME token is safe: had the first statement
+                # landed, the row carries this token and the claim is recognised as ours.
+                cause = exc.__cause__
+                if not isinstance(cause, psycopg.OperationalError) or isinstance(
+                    cause, PoolTimeout | psycopg.errors.QueryCanceled
+                ):
+                    raise
+                row = await self._fetchone(self.statements.claim, params)
+            if row is not None:
+                return claim_result(row, token)
+            # No row: a claim committed after this statement's snapshot won the conflict. The
+            # next statement's snapshot sees it (see the module docstring).
+        raise StoreUnavailable(
+            f"PostgreSQL store {self.schema}.{self.table} failed: claim of {key!r} found no "
+            f"answer in {CLAIM_TRIES} statements, as concurrent claims kept committing"
+        )
 
     async def complete(
         self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float

@@ -15,15 +15,22 @@ Layout: the record under storage key ``K`` is the hash ``{prefix}K`` with the fi
 the shared codec's bytes (:func:`oncely._codec.encode_response`), the body kept byte for byte.
 Every script touches exactly that one key, so any prefix works on Redis Cluster.
 
-- ``claim`` is one EVALSHA that applies the claim rule of ``stores/_rules.py`` and answers with
-  the server's clock and the whole record: the caller owns the key exactly when the record
-  carries the token it proposed. ``complete``, ``release``, ``renew`` and ``record_phase`` are
-  one EVALSHA each, taking effect only while the token still owns the key (state in flight).
+- ``claim`` is one EVALSHA that applies the claim rule of ``stores/_rules.py``. A claim that wins
+  is answered with what the caller needs of it (attempt, lease, recovery points); one that does
+  not, with the server's clock and the whole record, the response included. A record that
+  carries the token the claim proposed was written by that claim. ``complete``, ``release``,
+  ``renew`` and ``record_phase`` are one EVALSHA each, taking effect only while the token still
+  owns the key (state in flight). A server that does not know a script yet is sent its text
+  (EVAL), which also loads it.
 - Time is Redis's clock (``TIME`` inside the scripts) plus ``time_offset`` seconds, as epoch
   seconds. Records carry their times; the scripts decide from those, and each write also sets
   the key's expiry so that Redis drops it by itself when the clock reaches ``forget_at``.
   ``purge`` deletes what is logically forgotten before then, and strips the bodies of completed
   records past ``expires_at``, which are never replayed anyway.
+- On a standalone server the scripts run on connections of the store's own, made by the client's
+  connection pool (the same address, credentials, timeouts and retry policy) and as many at most
+  as the pool allows; with all of them busy a script waits for one, up to the pool's timeout.
+  ``get``, ``purge``'s scan and a Cluster client's scripts go through the client itself.
 - Keep ``maxmemory-policy`` at ``noeviction`` (or a ``volatile-*`` policy on an instance that
   holds nothing else with an expiry): an evicted record frees its key, and a repeat runs again.
 - Failures of the server or the connection are raised as :class:`oncely.StoreUnavailable`.
@@ -32,14 +39,24 @@ Every script touches exactly that one key, so any prefix works on Redis Cluster.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisClusterException, RedisError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import (
+    ConnectionError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from .._codec import (
     FORMAT_VERSION,
@@ -78,35 +95,51 @@ local function owned(key, token)
 end
 """
 
+# The record's fields, in the order the claim script answers them when it does not win.
+_FIELDS = (
+    "v",
+    "fp",
+    "state",
+    "token",
+    "attempt",
+    "lease_until",
+    "expires_at",
+    "forget_at",
+    "phases",
+    "response",
+)
+
 # The claim rule of stores/_rules.py:
 #   fresh:    no record, or it is past forget_at: start over (attempt 1, no recovery points)
 #   takeover: in flight, lease expired, same fingerprint: new token, attempt + 1, phases kept
 #   else:     leave the record as it is
-# Either way the answer is {won, now, field, value, ...} with the record as it now stands.
+# A win answers {1, attempt, lease_until, phases}; anything else {0, now, <the fields above>},
+# the record as it stands (a missing field is nil).
 # KEYS: record. ARGV: fingerprint, token, lease, time offset, abandoned retention, format version.
 _CLAIM = (
     _PRELUDE
     + """
 local key, fp, token = KEYS[1], ARGV[1], ARGV[2]
 local now = clock(ARGV[4])
-local old = redis.call('HMGET', key, 'forget_at', 'state', 'lease_until', 'fp', 'attempt')
-local attempt
-if not old[1] or tonumber(old[1]) <= now then
-  attempt = 1
+local cur = redis.call('HMGET', key, 'v', 'fp', 'state', 'token', 'attempt', 'lease_until',
+  'expires_at', 'forget_at', 'phases', 'response')
+local attempt, phases
+if not cur[8] or tonumber(cur[8]) <= now then
+  attempt, phases = 1, '[]'
   redis.call('DEL', key)
-  redis.call('HSET', key, 'phases', '[]')
-elseif old[2] == 'in_flight' and tonumber(old[3]) <= now and old[4] == fp then
-  attempt = tonumber(old[5]) + 1
+elseif cur[3] == 'in_flight' and tonumber(cur[6]) <= now and cur[2] == fp then
+  attempt, phases = tonumber(cur[5]) + 1, cur[9] or '[]'
 else
-  return {0, num(now), unpack(redis.call('HGETALL', key))}
+  return {0, num(now), unpack(cur)}
 end
 local lease_until = now + tonumber(ARGV[3])
 local forget_at = lease_until + tonumber(ARGV[5])
+local until_text = num(lease_until)
 redis.call('HSET', key, 'v', ARGV[6], 'fp', fp, 'state', 'in_flight', 'token', token,
-  'attempt', tostring(attempt), 'lease_until', num(lease_until), 'expires_at', num(lease_until),
-  'forget_at', num(forget_at))
+  'attempt', tostring(attempt), 'lease_until', until_text, 'expires_at', until_text,
+  'forget_at', num(forget_at), 'phases', phases)
 expire(key, forget_at, now)
-return {1, num(now), unpack(redis.call('HGETALL', key))}
+return {1, attempt, until_text, phases}
 """
 )
 
@@ -116,9 +149,10 @@ _COMPLETE = (
     + """
 local key = KEYS[1]
 local cur = redis.call('HMGET', key, 'token', 'state')
+if cur[1] ~= ARGV[1] then return 0 end
 -- Idempotent for its own token: a retry after a lost reply learns its response is stored.
-if cur[1] == ARGV[1] and cur[2] == 'completed' then return 1 end
-if not owned(key, ARGV[1]) then return 0 end
+if cur[2] == 'completed' then return 1 end
+if cur[2] ~= 'in_flight' then return 0 end
 local now = clock(ARGV[4])
 local expires_at = now + tonumber(ARGV[2])
 local forget_at = expires_at + tonumber(ARGV[3])
@@ -207,45 +241,138 @@ return 0
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 _PURGE_BATCH = 200
+_VERSION = str(FORMAT_VERSION).encode()
+_RETENTION = repr(ABANDONED_RETENTION).encode()
+_STATES = {state.value.encode(): state for state in State}
 
 
-def _num(value: float) -> str:
-    return repr(float(value))
+class _Script:
+    """A script's text and its SHA1, as EVAL and EVALSHA take them."""
+
+    __slots__ = ("sha", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text.encode()
+        self.sha = hashlib.sha1(self.text).hexdigest().encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _num(value: float) -> bytes:
+    """A number as the scripts read it: the shortest text that is exactly the same double."""
+    return repr(float(value)).encode()
 
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "\\*?[]" else ch for ch in text)
 
 
-def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
-    return {bytes(flat[i]): bytes(flat[i + 1]) for i in range(0, len(flat), 2)}
+def _command(*parts: bytes) -> bytes:
+    """One command in the Redis protocol: an array of bulk strings."""
+    return b"*%d\r\n%b" % (len(parts), b"".join([b"$%d\r\n%b\r\n" % (len(p), p) for p in parts]))
 
 
-def _as_bytes(fields: Mapping[Any, Any]) -> dict[bytes, bytes]:
-    return {bytes(name): bytes(value) for name, value in fields.items()}
+def _phases(raw: bytes | None) -> tuple[tuple[str, str], ...]:
+    if not raw or raw == b"[]":
+        return ()
+    return tuple((str(name), str(data)) for name, data in json.loads(raw))
 
 
-def _record(key: str, fields: Mapping[bytes, bytes]) -> Record:
-    version = fields.get(b"v")
-    if version != str(FORMAT_VERSION).encode():
+def _record(key: str, fields: Sequence[Any]) -> Record:
+    """The record from its fields' values in ``_FIELDS`` order (None: missing)."""
+    version, fp, state, token, attempt, lease_until, expires_at, forget_at, phases, response = (
+        fields
+    )
+    if version != _VERSION:
         raise ValueError(f"unsupported oncely record format version {version!r} for key {key!r}")
-    try:
-        response = fields.get(b"response")
-        phases = json.loads(fields.get(b"phases") or b"[]")
-        return Record(
-            key=key,
-            fingerprint=fields[b"fp"].decode(),
-            state=State(fields[b"state"].decode()),
-            token=fields[b"token"].decode(),
-            attempt=int(fields[b"attempt"]),
-            lease_until=float(fields[b"lease_until"]),
-            expires_at=float(fields[b"expires_at"]),
-            forget_at=float(fields[b"forget_at"]),
-            response=None if response is None else decode_response(response),
-            phases=tuple((str(name), str(data)) for name, data in phases),
-        )
-    except KeyError as exc:
-        raise ValueError(f"corrupt oncely record for key {key!r}: no field {exc}") from exc
+    if None in fields[1:8]:
+        missing = next(name for name, value in zip(_FIELDS, fields, strict=True) if value is None)
+        raise ValueError(f"corrupt oncely record for key {key!r}: no field {missing!r}")
+    return Record(
+        key=key,
+        fingerprint=fp.decode(),
+        state=_STATES.get(state) or State(state.decode()),
+        token=token.decode(),
+        attempt=int(attempt),
+        lease_until=float(lease_until),
+        expires_at=float(expires_at),
+        forget_at=float(forget_at),
+        response=None if response is None else decode_response(bytes(response)),
+        phases=_phases(phases),
+    )
+
+
+def _record_of_hash(key: str, fields: Mapping[Any, Any]) -> Record:
+    values = {bytes(name).decode(): bytes(value) for name, value in fields.items()}
+    return _record(key, [values.get(name) for name in _FIELDS])
+
+
+class _Connections:
+    """The store's own connections to a standalone server, made by the client's pool.
+
+    Idle ones are reused last in, first out. At the pool's ``max_connections`` a caller waits for
+    one to come back, up to the pool's ``timeout`` (a :class:`BlockingConnectionPool`'s; none
+    otherwise). A connection is handed back after every command, whatever happened: redis-py
+    closes it on any failure, and it connects again on its next use.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        pool = client.connection_pool
+        self._make: Callable[[], AbstractConnection] = pool.make_connection
+        self._limit: int = pool.max_connections
+        self._timeout: float | None = getattr(pool, "timeout", None)
+        self._idle: list[AbstractConnection] = []
+        self._all: list[AbstractConnection] = []
+        self._waiters: deque[asyncio.Future[AbstractConnection]] = deque()
+
+    async def take(self) -> AbstractConnection:
+        if self._idle:
+            conn = self._idle.pop()
+            try:
+                # Dropped by the server while idle, or left with unread data: start afresh.
+                if conn.is_connected and await self._dirty(conn):
+                    await conn.disconnect()
+            except BaseException:
+                self.give_back(conn)
+                raise
+            return conn
+        if len(self._all) < self._limit:
+            made = self._make()
+            self._all.append(made)
+            return made
+        waiter: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.give_back(waiter.result())  # handed one just as the wait ended
+            else:
+                waiter.cancel()
+            if isinstance(exc, TimeoutError):
+                raise ConnectionError("No connection available.") from None
+            raise
+
+    @staticmethod
+    async def _dirty(conn: AbstractConnection) -> bool:
+        can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
+        try:
+            return bool(await can_read())
+        except (RedisError, OSError):
+            return True
+
+    def give_back(self, conn: AbstractConnection) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    async def close(self) -> None:
+        conns, self._all, self._idle = self._all, [], []
+        for conn in conns:
+            await conn.disconnect()
 
 
 def _client_from_url(url: str, **options: Any) -> Redis | RedisCluster:
@@ -282,17 +409,21 @@ class RedisStore:
         prefix: str = "oncely:",
         time_offset: float = 0.0,
     ) -> None:
-        if client.get_encoder().decode_responses:
+        encoder = client.get_encoder()
+        if encoder.decode_responses:
             raise ConfigurationError("a Redis store needs a client with decode_responses=False")
         self.client = client
         self.prefix = prefix
         self.time_offset = time_offset
-        self._claim = client.register_script(_CLAIM)
-        self._complete = client.register_script(_COMPLETE)
-        self._release = client.register_script(_RELEASE)
-        self._renew = client.register_script(_RENEW)
-        self._record_phase = client.register_script(_RECORD_PHASE)
-        self._purge = client.register_script(_PURGE)
+        self._encoding: str = encoder.encoding
+        self._encoding_errors: str = encoder.encoding_errors
+        self._connections = None if isinstance(client, RedisCluster) else _Connections(client)
+        self._claim = _Script(_CLAIM)
+        self._complete = _Script(_COMPLETE)
+        self._release = _Script(_RELEASE)
+        self._renew = _Script(_RENEW)
+        self._record_phase = _Script(_RECORD_PHASE)
+        self._purge = _Script(_PURGE)
 
     @classmethod
     def from_url(
@@ -327,28 +458,80 @@ class RedisStore:
         if isinstance(self.client, RedisCluster):
             await self.client.initialize()
 
-    async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
-        token = new_token()
+    async def _eval(self, script: _Script, key: bytes, *args: bytes) -> Any:
+        """Run ``script`` on ``key``: EVALSHA, or EVAL when the server does not know it yet.
+
+        Raises StoreUnavailable for failures of the server or the connection."""
         try:
-            await self._ready()
-            reply = await self._claim(
-                keys=[self.redis_key(key)],
-                args=[
-                    fingerprint,
-                    token,
-                    _num(lease),
-                    _num(self.time_offset),
-                    _num(ABANDONED_RETENTION),
-                    FORMAT_VERSION,
-                ],
-            )
+            if self._connections is None:
+                return await self._eval_on_cluster(script, key, args)
+            try:
+                return await self._send(_command(b"EVALSHA", script.sha, b"1", key, *args))
+            except NoScriptError:
+                return await self._send(_command(b"EVAL", script.text, b"1", key, *args))
         except (RedisError, RedisClusterException) as exc:
             raise self._unavailable(exc) from exc
-        won, now, *flat = reply
-        record = _record(key, _pairs(flat))
-        # The token is new, so a record that carries it was written by this claim: also when the
-        # script ran once already and only its answer was lost (the client sent it again).
-        if won or (record.token == token and record.state is State.IN_FLIGHT):
+
+    async def _eval_on_cluster(self, script: _Script, key: bytes, args: tuple[bytes, ...]) -> Any:
+        await self._ready()
+        try:
+            return await self.client.execute_command("EVALSHA", script.sha, 1, key, *args)
+        except NoScriptError:
+            return await self.client.execute_command("EVAL", script.text, 1, key, *args)
+
+    async def _send(self, command: bytes) -> Any:
+        """One command and its reply, on a connection of the store's own, with the connection's
+        retry policy (a command resent after a lost reply is sent exactly as it was)."""
+        assert self._connections is not None
+        conn = await self._connections.take()
+        try:
+
+            async def round_trip() -> Any:
+                await conn.send_packed_command(command)
+                return await conn.read_response()
+
+            async def failed(error: Exception) -> None:
+                await conn.disconnect()
+
+            return await conn.retry.call_with_retry(round_trip, failed)
+        except ResponseError:
+            raise  # the server's answer, read in full: the connection is fine
+        except BaseException:
+            # redis-py has closed it already on a failure of its own; this covers the rest.
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            self._connections.give_back(conn)
+
+    def _key(self, key: str) -> bytes:
+        return (self.prefix + key).encode(self._encoding, self._encoding_errors)
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+        token = new_token()
+        reply = await self._eval(
+            self._claim,
+            self._key(key),
+            fingerprint.encode(),
+            token.encode(),
+            _num(lease),
+            _num(self.time_offset),
+            _RETENTION,
+            _VERSION,
+        )
+        if reply[0]:
+            _, attempt, lease_until, phases = reply
+            return Claimed(
+                key=key,
+                fingerprint=fingerprint,
+                token=token,
+                attempt=int(attempt),
+                lease_until=float(lease_until),
+                phases=_phases(phases),
+            )
+        record = _record(key, reply[2:])
+        # The token is new, so a record that carries it was written by this claim: the script ran
+        # once already and only its answer was lost (the client sent it again).
+        if record.token == token and record.state is State.IN_FLIGHT:
             return Claimed(
                 key=key,
                 fingerprint=fingerprint,
@@ -357,14 +540,10 @@ class RedisStore:
                 lease_until=record.lease_until,
                 phases=record.phases,
             )
-        return Existing(record, float(now))
+        return Existing(record, float(reply[1]))
 
-    async def _owner_write(self, script: AsyncScript, claim: Claimed, *args: Any) -> bool:
-        try:
-            await self._ready()
-            done = await script(keys=[self.redis_key(claim.key)], args=[claim.token, *args])
-        except (RedisError, RedisClusterException) as exc:
-            raise self._unavailable(exc) from exc
+    async def _owner_write(self, script: _Script, claim: Claimed, *args: bytes) -> bool:
+        done = await self._eval(script, self._key(claim.key), claim.token.encode(), *args)
         return bool(done)
 
     async def complete(
@@ -384,13 +563,13 @@ class RedisStore:
 
     async def renew(self, claim: Claimed, *, lease: float) -> bool:
         return await self._owner_write(
-            self._renew, claim, _num(lease), _num(self.time_offset), _num(ABANDONED_RETENTION)
+            self._renew, claim, _num(lease), _num(self.time_offset), _RETENTION
         )
 
     async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
         """Append recovery point (name, data JSON) while ``claim`` owns the key."""
         entry = json.dumps([name, data], separators=(",", ":"), ensure_ascii=True)
-        return await self._owner_write(self._record_phase, claim, entry)
+        return await self._owner_write(self._record_phase, claim, entry.encode())
 
     async def get(self, key: str) -> Record | None:
         try:
@@ -398,7 +577,7 @@ class RedisStore:
             fields = await self.client.hgetall(self.redis_key(key))
         except (RedisError, RedisClusterException) as exc:
             raise self._unavailable(exc) from exc
-        return _record(key, _as_bytes(fields)) if fields else None
+        return _record_of_hash(key, fields) if fields else None
 
     async def purge(self, *, limit: int = 1000) -> int:
         """Delete up to ``limit`` records past ``forget_at``; strip up to ``limit`` bodies past
@@ -435,10 +614,9 @@ class RedisStore:
                 pipe.hmget(name, ["v", "forget_at", "state", "expires_at"])
                 pipe.hstrlen(name, "response")
             replies = await pipe.execute()
-        version = str(FORMAT_VERSION).encode()
         for i, name in enumerate(names):
             (v, forget_at, state, expires_at), body_len = replies[2 * i], replies[2 * i + 1]
-            if v != version or forget_at is None:
+            if v != _VERSION or forget_at is None:
                 continue
             if float(forget_at) <= now:
                 wanted = 1
@@ -448,11 +626,9 @@ class RedisStore:
                 continue
             if budget[wanted] == 0:
                 continue
-            flags = ["1" if budget[1] else "0", "1" if budget[2] else "0"]
+            flags = [b"1" if budget[1] else b"0", b"1" if budget[2] else b"0"]
             done = int(
-                await self._purge(
-                    keys=[name], args=[_num(self.time_offset), FORMAT_VERSION, *flags]
-                )
+                await self._eval(self._purge, bytes(name), _num(self.time_offset), _VERSION, *flags)
             )
             if done in budget:
                 budget[done] -= 1
@@ -461,6 +637,8 @@ class RedisStore:
 
     async def aclose(self) -> None:
         try:
+            if self._connections is not None:
+                await self._connections.close()
             await self.client.aclose()
         except (RedisError, RedisClusterException) as exc:
             raise self._unavailable(exc) from exc

@@ -27,6 +27,7 @@ from .._codec import (
     Claimed,
     Existing,
     Record,
+    State,
     StoredResponse,
     encode_response,
     record_from_columns,
@@ -95,6 +96,24 @@ def _record(row: tuple[Any, ...]) -> Record:
     return record_from_columns(row, json.loads(row[9]))
 
 
+def _claimable(record: Record, fingerprint: str, now: float) -> bool:
+    """The claim rule's condition to win over an existing record (stores/_rules.py)."""
+    if record.forget_at <= now:
+        return True
+    return (
+        record.state is State.IN_FLIGHT
+        and record.lease_until <= now
+        and record.fingerprint == fingerprint
+    )
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    )
+
+
 def _path_of(url: str) -> str:
     rest = url.split(":", 1)[1]
     if rest.startswith("///"):
@@ -114,6 +133,8 @@ class SQLiteStore:
     """
 
     dialect = "sqlite"
+    # Waits are bounded by busy_timeout; the driver needs no timer of its own around them.
+    in_process = True
 
     def __init__(
         self,
@@ -134,6 +155,7 @@ class SQLiteStore:
         self._busy_ms = int(busy_timeout * 1000)
         self._synchronous = synchronous.upper()
         self._claim_sql = _claim_sql(table)
+        self._get_sql = f"SELECT {_COLUMNS} FROM {table} WHERE key = ?"
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncely-sqlite")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -147,22 +169,22 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(
-                self.path,
-                isolation_level=None,
-                timeout=self._busy_ms / 1000,
-                check_same_thread=False,
-            )
-            try:
-                conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
-                self._enable_wal(conn)
-                conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-                conn.executescript(_SCHEMA.format(table=self.table))
-            except BaseException:
-                conn.close()
-                raise
-            self._local.conn = conn
-            self._connections.append(conn)
+            conn = self._local.conn = self._connect(self._busy_ms)
+        return conn
+
+    def _connect(self, busy_ms: int) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, timeout=busy_ms / 1000, check_same_thread=False
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            self._enable_wal(conn)
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.executescript(_SCHEMA.format(table=self.table))
+        except BaseException:
+            conn.close()
+            raise
+        self._connections.append(conn)
         return conn
 
     def _enable_wal(self, conn: sqlite3.Connection) -> None:
@@ -184,6 +206,14 @@ class SQLiteStore:
 
     def claim_sync(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
         now = self._clock()
+        # A repeat of a completed or running request is the common case, and a read answers it
+        # without taking the write lock. Whether the key is won is still decided by the single
+        # UPSERT below, atomically; this read only spares it when it could not win.
+        row = self._conn().execute(self._get_sql, (key,)).fetchone()
+        if row is not None:
+            seen = _record(row)
+            if not _claimable(seen, fingerprint, now):
+                return Existing(seen, now)
         token = new_token()
         lease_until = now + lease
         row = (
@@ -283,11 +313,7 @@ class SQLiteStore:
         return cur.rowcount == 1
 
     def get_sync(self, key: str) -> Record | None:
-        row = (
-            self._conn()
-            .execute(f"SELECT {_COLUMNS} FROM {self.table} WHERE key = ?", (key,))
-            .fetchone()
-        )
+        row = self._conn().execute(self._get_sql, (key,)).fetchone()
         return None if row is None else _record(row)
 
     def purge_sync(self, *, limit: int = 1000) -> int:
@@ -316,9 +342,29 @@ class SQLiteStore:
     # The async surface: the same statements on the worker thread.
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` right here when the file is free, else on the worker thread.
+
+        The event loop's own connection never waits for a lock (busy_timeout 0): a statement
+        takes tens of microseconds, cheaper than a hand-off to a thread. When another connection
+        (another process, or our worker) holds the write lock, SQLite answers BUSY at once, and
+        the operation goes to the worker thread, which waits up to ``busy_timeout`` there while
+        the event loop goes on. Every operation is safe to run again after BUSY: it wrote
+        nothing, or it repeats what it wrote.
+        """
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+            if getattr(self._local, "conn", None) is None:
+                # Opening the file may wait (WAL switch, schema): do it on the worker.
+                self._local.conn = await loop.run_in_executor(self._executor, self._connect, 0)
+            try:
+                return fn(*args, **kwargs)
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc):
+                    raise
+            async with asyncio.timeout(self._busy_ms / 1000 + 1):
+                return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"SQLite store {self.path!r} is locked by a writer") from exc
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r} failed: {exc}") from exc
 
