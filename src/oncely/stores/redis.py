@@ -16,21 +16,22 @@ the shared codec's bytes (:func:`oncely._codec.encode_response`), the body kept 
 Every script touches exactly that one key, so any prefix works on Redis Cluster.
 
 - ``claim`` is one EVALSHA that applies the claim rule of ``stores/_rules.py``. A claim that wins
-  is answered with what the caller needs of it (attempt, lease, recovery points); one that does
-  not, with the server's clock and the whole record, the response included. A record that
-  carries the token the claim proposed was written by that claim. ``complete``, ``release``,
-  ``renew`` and ``record_phase`` are one EVALSHA each, taking effect only while the token still
-  owns the key (state in flight). A server that does not know a script yet is sent its text
-  (EVAL), which also loads it.
+  is answered with what the caller needs (attempt, lease, recovery points); one that does not,
+  with the server's clock and the whole record, the response included. A claim sent again after
+  its answer was lost finds the record it wrote, with the token it proposed: it owns the key.
+  ``complete``, ``release``, ``renew`` and ``record_phase`` are one EVALSHA each, taking effect
+  only while the token still owns the key (state in flight). A server that does not know a
+  script yet is sent its text instead (EVAL), which also loads it.
 - Time is Redis's clock (``TIME`` inside the scripts) plus ``time_offset`` seconds, as epoch
   seconds. Records carry their times; the scripts decide from those, and each write also sets
   the key's expiry so that Redis drops it by itself when the clock reaches ``forget_at``.
   ``purge`` deletes what is logically forgotten before then, and strips the bodies of completed
   records past ``expires_at``, which are never replayed anyway.
-- On a standalone server the scripts run on connections of the store's own, made by the client's
-  connection pool (the same address, credentials, timeouts and retry policy) and as many at most
-  as the pool allows; with all of them busy a script waits for one, up to the pool's timeout.
-  ``get``, ``purge``'s scan and a Cluster client's scripts go through the client itself.
+- On a standalone server the scripts run on connections the store keeps for them, made by the
+  client's connection pool (the same address, credentials, timeouts and retry policy), no more
+  of them than the pool's ``max_connections``; with all of them busy a script waits for one, up
+  to the pool's timeout. ``get`` and ``purge``'s scan go through the client and its pool; a
+  Cluster client runs the scripts too.
 - Keep ``maxmemory-policy`` at ``noeviction`` (or a ``volatile-*`` policy on an instance that
   holds nothing else with an expiry): an evicted record frees its key, and a repeat runs again.
 - Failures of the server or the connection are raised as :class:`oncely.StoreUnavailable`.
@@ -302,8 +303,8 @@ def _record(key: str, fields: Sequence[Any]) -> Record:
 
 
 def _record_of_hash(key: str, fields: Mapping[Any, Any]) -> Record:
-    values = {bytes(name).decode(): bytes(value) for name, value in fields.items()}
-    return _record(key, [values.get(name) for name in _FIELDS])
+    values = {bytes(name): bytes(value) for name, value in fields.items()}
+    return _record(key, [values.get(name.encode()) for name in _FIELDS])
 
 
 class _Connections:
