@@ -319,12 +319,19 @@ class SharedStore:
         )
 
     def url_via(self, port: int) -> str:
-        """The same store reached through a proxy listening on 127.0.0.1:``port``."""
+        """The same store reached through a proxy listening on 127.0.0.1:``port``.
+
+        Through the proxy, PostgreSQL statements are not prepared: the proxy names a statement by
+        the text its Parse carries, and a prepared statement is parsed once per connection.
+        """
         parts = urlsplit(self.url)
         if "cluster" in parts.scheme:
             pytest.skip("a proxy in front of a Redis Cluster is not supported by these tests")
         netloc = parts.netloc.rpartition("@")
         userinfo = netloc[0] + netloc[1]
+        if self.kind == "postgres":
+            query = "&".join(q for q in (parts.query, "prepare_threshold=none") if q)
+            parts = parts._replace(query=query)
         return parts._replace(netloc=f"{userinfo}127.0.0.1:{port}").geturl()
 
     async def record(self, key: str) -> Record | None:

@@ -1,5 +1,6 @@
 """What only the PostgreSQL store has: schemas, migrations, one statement per operation on the
-wire, the server's clock, its pool, and the handler's own transaction. Against the real server.
+wire (prepared on the server, or not), claims that write only when they win, the server's clock,
+its pool, and the handler's own transaction. Against the real server.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from oncely import (
     StoreUnavailable,
 )
 from oncely.stores import open_store
-from oncely.stores.postgres import PURGE_BATCH, PostgresStore
+from oncely.stores.postgres import CLAIM_TRIES, PURGE_BATCH, PostgresStore
 
 from .backend_postgres import URL, postgres_store, scratch_schema
 
@@ -227,11 +228,19 @@ def received(lines: list[str], message: str) -> list[str]:
     return [line for line in lines if re.match(rf"B\t\d+\t{message}\b", line)]
 
 
-def assert_one_statement(lines: list[str], command: str) -> None:
-    """One statement, one round trip, and no named (server-side) prepared statement."""
-    parses = sent(lines, "Parse")
-    assert len(parses) == 1, lines
-    assert re.match(r'F\t\d+\tParse\t "" ', parses[0]), parses  # the unnamed statement
+def assert_one_statement(lines: list[str], command: str, *, prepared: bool) -> None:
+    """One statement, one round trip. ``prepared``: a statement prepared on the server before is
+    bound and run, nothing parsed; else the unnamed statement is parsed, bound and run."""
+    binds = sent(lines, "Bind")
+    assert len(binds) == 1, lines
+    if prepared:
+        assert sent(lines, "Parse") == [], lines
+        assert re.match(r'F\t\d+\tBind\t "" "[^"]+" ', binds[0]), binds  # a named statement
+    else:
+        parses = sent(lines, "Parse")
+        assert len(parses) == 1, lines
+        assert re.match(r'F\t\d+\tParse\t "" ', parses[0]), parses  # the unnamed statement
+        assert re.match(r'F\t\d+\tBind\t "" "" ', binds[0]), binds
     assert sent(lines, "Query") == [], lines
     assert len(sent(lines, "Sync")) == 1, lines
     completes = received(lines, "CommandComplete")
@@ -240,58 +249,294 @@ def assert_one_statement(lines: list[str], command: str) -> None:
     assert len(received(lines, "ReadyForQuery")) == 1, lines
 
 
-async def test_each_operation_is_one_statement_on_the_wire(schema: str) -> None:
-    wire = Wire()
-    async with postgres_store(schema, min_size=1, max_size=1, configure=wire.configure) as store:
-        await store.migrate()  # first use: the table exists from here on
-        key = new_key()
-        box: list[Any] = []
+async def every_operation(store: PostgresStore) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+    """Each store operation once on a new key, in an order where each succeeds; with the
+    command tag its statement ends with."""
+    key = new_key()
+    box: list[Any] = []
 
-        async def claim_new() -> None:
-            box.append(await store.claim(key, FP, lease=60))
-
-        assert_one_statement(await wire.messages(claim_new), "INSERT 0 1")
-        won = box.pop()
+    async def claim_new() -> None:
+        won = await store.claim(key, FP, lease=60)
         assert isinstance(won, Claimed)
+        box.append(won)
 
-        async def claim_again() -> None:
-            box.append(await store.claim(key, FP, lease=60))
+    async def claim_again() -> None:
+        assert isinstance(await store.claim(key, FP, lease=60), Existing)
 
-        assert_one_statement(await wire.messages(claim_again), "INSERT 0 1")
-        assert isinstance(box.pop(), Existing)
+    async def renew() -> None:
+        assert await store.renew(box[0], lease=60)
 
-        async def renew() -> None:
-            assert await store.renew(won, lease=60)
+    async def record_phase() -> None:
+        assert await store.record_phase(box[0], "charged", '{"id":1}')
 
-        assert_one_statement(await wire.messages(renew), "UPDATE 1")
+    async def release() -> None:
+        assert await store.release(box[0])
 
-        async def record_phase() -> None:
-            assert await store.record_phase(won, "charged", '{"id":1}')
-
-        assert_one_statement(await wire.messages(record_phase), "UPDATE 1")
-
-        async def release() -> None:
-            assert await store.release(won)
-
-        assert_one_statement(await wire.messages(release), "SELECT 1")
-
-        async def claim_takeover() -> None:
-            box.append(await store.claim(key, FP, lease=60))
-
-        assert_one_statement(await wire.messages(claim_takeover), "INSERT 0 1")
-        owner = box.pop()
+    async def claim_takeover() -> None:
+        owner = await store.claim(key, FP, lease=60)
         assert isinstance(owner, Claimed)
         assert owner.attempt == 2
+        box.append(owner)
 
-        async def complete() -> None:
-            assert await store.complete(owner, RESPONSE, ttl=10, tombstone_ttl=10)
+    async def complete() -> None:
+        assert await store.complete(box[1], RESPONSE, ttl=10, tombstone_ttl=10)
 
-        assert_one_statement(await wire.messages(complete), "UPDATE 1")
+    async def claim_replay() -> None:
+        seen = await store.claim(key, FP, lease=60)
+        assert isinstance(seen, Existing)
+        assert seen.record.state is State.COMPLETED
 
-        async def get() -> None:
-            assert await store.get(key) is not None
+    async def get() -> None:
+        assert await store.get(key) is not None
 
-        assert_one_statement(await wire.messages(get), "SELECT 1")
+    return [
+        ("SELECT 1", claim_new),
+        ("SELECT 1", claim_again),
+        ("UPDATE 1", renew),
+        ("UPDATE 1", record_phase),
+        ("SELECT 1", release),
+        ("SELECT 1", claim_takeover),
+        ("UPDATE 1", complete),
+        ("SELECT 1", claim_replay),
+        ("SELECT 1", get),
+    ]
+
+
+@pytest.mark.parametrize("prepared", [True, False], ids=["prepared", "prepare_threshold=None"])
+async def test_each_operation_is_one_statement_on_the_wire(schema: str, prepared: bool) -> None:
+    wire = Wire()
+    options: dict[str, Any] = {} if prepared else {"prepare_threshold": None}
+    async with postgres_store(
+        schema, min_size=1, max_size=1, configure=wire.configure, **options
+    ) as store:
+        await store.migrate()  # first use: the table exists from here on
+        if prepared:
+            # The first run of each statement on the connection prepares it: once each.
+            async def first_runs() -> None:
+                for _, operation in await every_operation(store):
+                    await operation()
+
+            lines = await wire.messages(first_runs)
+            names = [re.match(r'F\t\d+\tParse\t "([^"]*)"', line) for line in sent(lines, "Parse")]
+            assert all(name is not None and name[1] for name in names), lines
+            assert len({name[1] for name in names if name is not None}) == len(names) == 6, lines
+        for command, operation in await every_operation(store):
+            assert_one_statement(await wire.messages(operation), command, prepared=prepared)
+
+
+# A claim writes only when it wins
+
+
+async def row_version(store: PostgresStore, key: str) -> tuple[str, str, str]:
+    """(xmin, xmax, ctid) of the key's row: an UPDATE makes a new version (new xmin and ctid),
+    a row lock sets xmax."""
+    async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as conn:
+        cur = await conn.execute(
+            sql.SQL("SELECT xmin::text, xmax::text, ctid::text FROM {} WHERE key = %s").format(
+                sql.Identifier(store.schema, store.table)
+            ),
+            (key,),
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return row[0], row[1], row[2]
+
+
+async def test_a_claim_that_finds_the_key_taken_writes_nothing(store: PostgresStore) -> None:
+    key = new_key()
+    won = await claimed(store, key)
+    in_flight = await row_version(store, key)
+    assert (await existing(store, key)).record.token == won.token
+    assert (await existing(store, key, OTHER_FP)).record.token == won.token
+    assert await row_version(store, key) == in_flight
+
+    assert await store.complete(won, RESPONSE, ttl=100, tombstone_ttl=100)
+    completed = await row_version(store, key)
+    assert completed != in_flight
+    for _ in range(3):  # replays
+        assert (await existing(store, key)).record.response == RESPONSE
+    assert (await existing(store, key, OTHER_FP)).record.state is State.COMPLETED
+    assert await row_version(store, key) == completed
+
+    store.time_offset = 101  # past the replay window: the tombstone still refuses, unwritten
+    assert (await existing(store, key)).record.state is State.COMPLETED
+    assert await row_version(store, key) == completed
+    store.time_offset = 201  # past forget_at: the claim starts over, and that is a write
+    again = await claimed(store, key)
+    assert again.attempt == 1
+    assert await row_version(store, key) != completed
+
+
+async def test_a_replay_does_not_wait_for_a_transaction_holding_the_row(
+    store: PostgresStore,
+) -> None:
+    key = new_key()
+    won = await claimed(store, key)
+    assert await store.complete(won, RESPONSE, ttl=100, tombstone_ttl=100)
+    table = sql.Identifier(store.schema, store.table)
+    async with await psycopg.AsyncConnection.connect(URL) as holder:
+        await holder.execute(
+            sql.SQL("SELECT key FROM {} WHERE key = %s FOR UPDATE").format(table), (key,)
+        )
+        async with asyncio.timeout(5):
+            seen = await existing(store, key)
+        assert seen.record.response == RESPONSE
+        await holder.rollback()
+
+
+@dataclass
+class ClaimStatements:
+    """Counts the claim statements a store runs, and what each returned."""
+
+    store: PostgresStore
+    returned: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        fetchone = self.store._fetchone
+
+        async def counted(query: str, params: Any) -> tuple[Any, ...] | None:
+            row = await fetchone(query, params)
+            if query == self.store.statements.claim:
+                self.returned.append(row is not None)
+            return row
+
+        self.store._fetchone = counted  # type: ignore[method-assign]
+
+
+async def waiting_for_a_lock(store: PostgresStore) -> None:
+    """Until one of the store's connections waits for a row lock."""
+    async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as admin:
+        async with asyncio.timeout(5):
+            while True:
+                cur = await admin.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    (f"%{store.schema}%",),
+                )
+                row = await cur.fetchone()
+                if row is not None and row[0]:
+                    return
+                await asyncio.sleep(0.01)
+
+
+async def test_a_claim_beaten_by_a_claim_committed_after_its_snapshot_runs_again(
+    store: PostgresStore,
+) -> None:
+    """The statement's snapshot has no record, and the INSERT meets one committed meanwhile:
+    the statement returns nothing, and the store runs it again, which reads that record."""
+    await store.migrate()
+    key = new_key()
+    statements = ClaimStatements(store)
+    table = sql.Identifier(store.schema, store.table)
+    async with await psycopg.AsyncConnection.connect(URL) as other:
+        await other.execute(
+            sql.SQL(
+                "INSERT INTO {} (key, fingerprint, state, token, attempt, lease_until, "
+                "expires_at, forget_at) VALUES (%s, %s, 'in_flight', 'theirs', 1, %s, %s, %s)"
+            ).format(table),
+            (key, FP, 1e12, 1e12, 1e12),
+        )
+        claim = asyncio.create_task(store.claim(key, FP, lease=60))
+        await waiting_for_a_lock(store)
+        await other.commit()
+    seen = await claim
+    assert isinstance(seen, Existing), seen
+    assert seen.record.token == "theirs"
+    assert statements.returned == [False, True]
+
+
+async def test_a_takeover_beaten_by_another_runs_again_and_sees_the_winner(
+    store: PostgresStore,
+) -> None:
+    """The snapshot has a record the claim could take over; another takeover commits first."""
+    key = new_key()
+    first = await claimed(store, key, lease=10)
+    store.time_offset = 11
+    statements = ClaimStatements(store)
+    table = sql.Identifier(store.schema, store.table)
+    async with await psycopg.AsyncConnection.connect(URL) as other:
+        await other.execute(
+            sql.SQL(
+                "UPDATE {} SET token = 'theirs', attempt = 2, lease_until = %s WHERE key = %s"
+            ).format(table),
+            (1e12, key),
+        )
+        claim = asyncio.create_task(store.claim(key, FP, lease=10))
+        await waiting_for_a_lock(store)
+        await other.commit()
+    seen = await claim
+    assert isinstance(seen, Existing), seen
+    assert seen.record.token == "theirs"
+    assert seen.record.attempt == 2
+    assert statements.returned == [False, True]
+    assert not await store.complete(first, RESPONSE, ttl=10, tombstone_ttl=10)
+
+
+async def test_a_claim_that_never_gets_an_answer_is_store_unavailable(
+    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    async def nothing(query: str, params: Any) -> None:
+        calls.append(query)
+
+    monkeypatch.setattr(store, "_fetchone", nothing)
+    with pytest.raises(StoreUnavailable, match="no answer"):
+        await store.claim(new_key(), FP, lease=10)
+    assert calls == [store.statements.claim] * CLAIM_TRIES
+
+
+# Prepared statements
+
+
+async def test_statements_are_prepared_by_default_and_not_with_prepare_threshold_none(
+    schema: str,
+) -> None:
+    for options, expected in (({}, 0), ({"prepare_threshold": None}, None)):
+        wire = Wire()
+        async with postgres_store(schema, configure=wire.configure, **options) as store:
+            assert store.prepare_threshold == expected
+            await claimed(store, new_key())
+            assert [conn.prepare_threshold for conn in wire.connections] == [expected]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("?prepare_threshold=none", None),
+        ("?prepare_threshold=None", None),
+        ("?prepare_threshold=", None),
+        ("?prepare_threshold=3", 3),
+        ("?application_name=mine&prepare_threshold=none&connect_timeout=2", None),
+        ("?application_name=mine", 0),
+    ],
+)
+async def test_prepare_threshold_in_the_url(schema: str, query: str, expected: int | None) -> None:
+    wire = Wire()
+    store = open_store(URL + query, schema=schema, configure=wire.configure)
+    assert isinstance(store, PostgresStore)
+    try:
+        assert store.prepare_threshold == expected
+        await claimed(store, new_key())
+        (conn,) = wire.connections
+        assert conn.prepare_threshold == expected
+        if "application_name" in query:
+            assert conn.info.parameter_status("application_name") == "mine"
+    finally:
+        await store.aclose()
+
+
+def test_prepare_threshold_given_as_an_option_wins_and_bad_values_are_refused() -> None:
+    given = PostgresStore.from_url(URL + "?prepare_threshold=none", prepare_threshold=2)
+    assert given.prepare_threshold == 2
+    assert PostgresStore.from_url(URL, prepare_threshold="none").prepare_threshold is None
+    assert PostgresStore.from_url(URL, prepare_threshold="5").prepare_threshold == 5
+    for bad in ("-1", "soon"):
+        with pytest.raises(ConfigurationError, match="prepare_threshold"):
+            PostgresStore.from_url(URL + f"?prepare_threshold={bad}")
+    for value in (-1, 1.5, True):
+        with pytest.raises(ConfigurationError, match="prepare_threshold"):
+            PostgresStore(URL, prepare_threshold=value)  # type: ignore[arg-type]
 
 
 async def test_the_claim_race_runs_on_many_pool_connections(schema: str) -> None:
@@ -451,6 +696,7 @@ async def test_a_statement_timeout_and_a_full_pool_are_store_unavailable(schema:
             await holder.execute(
                 sql.SQL("SELECT key FROM {} WHERE key = %s FOR UPDATE").format(table), (key,)
             )
+            store.time_offset = 61  # the lease is over: the claim takes over, a write that waits
             blocked = asyncio.create_task(store.claim(key, FP, lease=10))
             try:
                 await asyncio.sleep(0.05)
@@ -462,6 +708,7 @@ async def test_a_statement_timeout_and_a_full_pool_are_store_unavailable(schema:
                     await blocked
             assert isinstance(cancelled.value.__cause__, psycopg.errors.QueryCanceled)
             await holder.rollback()
+        store.time_offset = 0
         assert (await existing(store, key)).record.fingerprint == FP
 
 

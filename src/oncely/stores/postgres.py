@@ -699,8 +699,8 @@ class PostgresStore:
             # No row: a claim committed after this statement's snapshot won the conflict. The
             # next statement's snapshot sees it (see the module docstring).
         raise StoreUnavailable(
-            f"PostgreSQL store {self.schema}.{self.table} failed: claim of {key!r} found no "
-            f"answer in {CLAIM_TRIES} statements, as concurrent claims kept committing"
+            f"PostgreSQL store {self.schema}.{self.table} failed: a claim found no answer in "
+            f"{CLAIM_TRIES} statements, as concurrent claims of its key kept committing"
         )
 
     async def complete(
