@@ -7,7 +7,8 @@
   the row. The caller owns the key exactly when the returned token is the one it proposed.
 - ``complete``, ``release`` and ``renew`` are single UPDATE/DELETE statements guarded by the
   fencing token.
-- Statements run on one worker thread per store, so the event loop never waits on the file lock.
+- Statements run on one worker thread per store, so the event loop never waits on the file lock;
+  a repeat of a completed or running request is answered by a read, without the write lock.
   Time is the host's clock (``clock``, injectable for tests): every process on the host shares it.
 """
 
@@ -104,13 +105,6 @@ def _claimable(record: Record, fingerprint: str, now: float) -> bool:
         record.state is State.IN_FLIGHT
         and record.lease_until <= now
         and record.fingerprint == fingerprint
-    )
-
-
-def _busy(exc: sqlite3.OperationalError) -> bool:
-    return getattr(exc, "sqlite_errorcode", 0) & 0xFF in (
-        sqlite3.SQLITE_BUSY,
-        sqlite3.SQLITE_LOCKED,
     )
 
 
@@ -342,25 +336,13 @@ class SQLiteStore:
     # The async surface: the same statements on the worker thread.
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` right here when the file is free, else on the worker thread.
+        """Run ``fn`` on the worker thread, so the event loop never waits for the file lock.
 
-        The event loop's own connection never waits for a lock (busy_timeout 0): a statement
-        takes tens of microseconds, cheaper than a hand-off to a thread. When another connection
-        (another process, or our worker) holds the write lock, SQLite answers BUSY at once, and
-        the operation goes to the worker thread, which waits up to ``busy_timeout`` there while
-        the event loop goes on. Every operation is safe to run again after BUSY: it wrote
-        nothing, or it repeats what it wrote.
+        The wait is bounded here (busy_timeout, plus a second for the queue), so the driver
+        needs no timer of its own around the call.
         """
         loop = asyncio.get_running_loop()
         try:
-            if getattr(self._local, "conn", None) is None:
-                # Opening the file may wait (WAL switch, schema): do it on the worker.
-                self._local.conn = await loop.run_in_executor(self._executor, self._connect, 0)
-            try:
-                return fn(*args, **kwargs)
-            except sqlite3.OperationalError as exc:
-                if not _busy(exc):
-                    raise
             async with asyncio.timeout(self._busy_ms / 1000 + 1):
                 return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         except TimeoutError as exc:
