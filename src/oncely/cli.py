@@ -94,7 +94,9 @@ async def _with_store(url: str, action: str, args: argparse.Namespace) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oncely", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="oncely", description="Operate an oncely store, and start the reference service."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (
         ("migrate", "create the store's tables and indexes (idempotent)"),
