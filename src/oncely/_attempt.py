@@ -112,36 +112,25 @@ def current_attempt(*, required: bool = True) -> Attempt | None:
     return attempt
 
 
-def _execute(conn: Any, dialect: str, sql: str, params: Any) -> int:
-    """Run one statement on a DB-API or SQLAlchemy connection; the number of rows it changed."""
+def _statement(conn: Any, dialect: str, sql: str) -> Any:
+    """``sql`` as ``conn`` takes it: DB-API text, or SQLAlchemy ``text()`` with ``:name``
+    parameters; refuses a connection to another kind of database than the store's."""
     module = type(conn).__module__
     if module.startswith("sqlalchemy"):
         from sqlalchemy import text
 
-        bind_dialect = conn.get_bind().dialect.name
-        if bind_dialect != dialect:
+        # Connections know their dialect; sessions through their bind.
+        bound = conn.dialect if hasattr(conn, "dialect") else conn.get_bind().dialect
+        if bound.name != dialect:
             raise ConfigurationError(
-                f"this connection is to {bind_dialect}, but the idempotency store is {dialect}"
+                f"this connection is to {bound.name}, but the idempotency store is {dialect}"
             )
-        sa_sql = sql if dialect == "sqlite" else sql.replace("%(", ":").replace(")s", "")
-        return int(conn.execute(text(sa_sql), params).rowcount)
+        return text(sql if dialect == "sqlite" else sql.replace("%(", ":").replace(")s", ""))
     if dialect == "sqlite" and not module.startswith("sqlite3"):
         raise ConfigurationError("the idempotency store is SQLite: pass a sqlite3 connection")
     if dialect == "postgresql" and not module.startswith("psycopg"):
         raise ConfigurationError("the idempotency store is PostgreSQL: pass a psycopg connection")
-    return int(conn.execute(sql, params).rowcount)
-
-
-async def _aexecute(conn: Any, dialect: str, sql: str, params: Any) -> int:
-    module = type(conn).__module__
-    if module.startswith("sqlalchemy"):
-        from sqlalchemy import text
-
-        sa_sql = sql if dialect == "sqlite" else sql.replace("%(", ":").replace(")s", "")
-        result = await conn.execute(text(sa_sql), params)
-        return int(result.rowcount)
-    cursor = await conn.execute(sql, params)
-    return int(cursor.rowcount)
+    return sql
 
 
 class Attempt:
@@ -209,22 +198,40 @@ class Attempt:
         kept = tuple((k.lower(), v) for k, v in headers if k.lower() in self._allowlist)
         return StoredResponse(status=status, headers=kept, body=body)
 
-    def record(self, conn: Any, name: str, data: Any = None) -> None:
-        """Record recovery point ``name`` on ``conn``, inside your open transaction."""
+    def _phase(self, conn: Any, name: str, data: Any) -> tuple[Any, Any, str]:
+        """(statement, parameters, data JSON) recording ``name`` on ``conn``."""
         store = self._transactional()
         encoded = self._encode(name, data)
         sql, params = store.phase_statement(self._claim, name, encoded)
-        if _execute(conn, store.dialect, sql, params) != 1:
+        return _statement(conn, store.dialect, sql), params, encoded
+
+    def _completion(
+        self, conn: Any, status: int, headers: Iterable[tuple[str, str]], body: bytes
+    ) -> tuple[Any, Any]:
+        """(statement, parameters) storing this response on ``conn``."""
+        store = self._transactional()
+        sql, params = store.complete_statement(
+            self._claim,
+            self._response(status, headers, body),
+            ttl=self._ttl,
+            tombstone_ttl=self._tombstone_ttl,
+        )
+        return _statement(conn, store.dialect, sql), params
+
+    def _owned(self, rowcount: int) -> None:
+        if rowcount != 1:
             raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
+
+    def record(self, conn: Any, name: str, data: Any = None) -> None:
+        """Record recovery point ``name`` on ``conn``, inside your open transaction."""
+        statement, params, encoded = self._phase(conn, name, data)
+        self._owned(conn.execute(statement, params).rowcount)
         self._phases[name] = json.loads(encoded)
 
     async def arecord(self, conn: Any, name: str, data: Any = None) -> None:
         """``record`` for an async connection (psycopg AsyncConnection, SQLAlchemy AsyncSession)."""
-        store = self._transactional()
-        encoded = self._encode(name, data)
-        sql, params = store.phase_statement(self._claim, name, encoded)
-        if await _aexecute(conn, store.dialect, sql, params) != 1:
-            raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
+        statement, params, encoded = self._phase(conn, name, data)
+        self._owned((await conn.execute(statement, params)).rowcount)
         self._phases[name] = json.loads(encoded)
 
     def complete(
@@ -234,30 +241,16 @@ class Attempt:
 
         Return exactly this status, these headers and this body from the handler.
         """
-        store = self._transactional()
-        sql, params = store.complete_statement(
-            self._claim,
-            self._response(status, headers, body),
-            ttl=self._ttl,
-            tombstone_ttl=self._tombstone_ttl,
-        )
-        if _execute(conn, store.dialect, sql, params) != 1:
-            raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
+        statement, params = self._completion(conn, status, headers, body)
+        self._owned(conn.execute(statement, params).rowcount)
         self.completed = True
 
     async def acomplete(
         self, conn: Any, status: int, headers: Iterable[tuple[str, str]], body: bytes
     ) -> None:
         """``complete`` for an async connection."""
-        store = self._transactional()
-        sql, params = store.complete_statement(
-            self._claim,
-            self._response(status, headers, body),
-            ttl=self._ttl,
-            tombstone_ttl=self._tombstone_ttl,
-        )
-        if await _aexecute(conn, store.dialect, sql, params) != 1:
-            raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
+        statement, params = self._completion(conn, status, headers, body)
+        self._owned((await conn.execute(statement, params)).rowcount)
         self.completed = True
 
     async def checkpoint(self, name: str, data: Any = None) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._attempt import Attempt, LeaseLost
 from ._attempt import _current as _current_attempt
-from ._codec import Claimed
+from ._codec import Claimed, StoredResponse
 from ._config import DEFAULT_METHODS, Request, Route, Scope
 from ._drive import adrive
 from ._errors import (
@@ -229,6 +229,13 @@ async def _send_problem(send: Send, problem: ProblemError) -> None:
     await _send_whole(send, status, headers, body)
 
 
+async def _send_stored(send: Send, response: StoredResponse, *, replayed: bool) -> None:
+    headers = [*response.headers, ("content-length", str(len(response.body)))]
+    if replayed:
+        headers.append(("idempotent-replayed", "true"))
+    await _send_whole(send, response.status, headers, response.body)
+
+
 async def _send_whole(send: Send, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
     await send(
         {
@@ -328,11 +335,7 @@ class _Exchange:
             store_timeout=mw.store_timeout,
         )
         if isinstance(outcome, Replay):
-            response = outcome.response
-            out = [(k, v) for k, v in response.headers]
-            out.append(("content-length", str(len(response.body))))
-            out.append(("idempotent-replayed", "true"))
-            await _send_whole(self.send, response.status, out, response.body)
+            await _send_stored(self.send, outcome.response, replayed=True)
         elif isinstance(outcome, Refuse):
             await _send_problem(self.send, outcome.error)
         elif isinstance(outcome, Fresh | PassThrough):
@@ -348,19 +351,23 @@ class _Exchange:
                 if outcome.lost_lease:
                     log.warning("oncely: key %s was taken over while it ran; not stored", skey)
                 if outcome.store_error is not None:
-                    log.error("oncely: could not store the outcome of key %s: %s", skey, outcome)
+                    log.error(
+                        "oncely: could not store the outcome of key %s: %s",
+                        skey,
+                        outcome.store_error,
+                    )
             if self.held is not None:
                 await self.send(self.held)
         else:
             if outcome.store_error is not None:
-                log.error("oncely: could not record the failure of key %s", skey)
+                log.error(
+                    "oncely: could not record the failure of key %s: %s", skey, outcome.store_error
+                )
             if self.started:
                 if self.held is not None:  # the app's whole answer: let the client have it
                     await self.send(self.held)
             elif outcome.response is not None:
-                response = outcome.response
-                out = [*response.headers, ("content-length", str(len(response.body)))]
-                await _send_whole(self.send, response.status, out, response.body)
+                await _send_stored(self.send, outcome.response, replayed=False)
             raise outcome.error
 
     async def _replay_receive(self) -> Message:

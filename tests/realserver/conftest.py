@@ -120,36 +120,15 @@ class Servers:
     def store_url(self) -> str:
         return self.store or f"sqlite:{self.db}"
 
-    def start(
-        self,
-        name: str,
-        *,
-        lease: float,
-        delay: float = 0.0,
-        workers: int = 1,
-        hold: Path | None = None,
-        store: str | None = None,
-        store_options: Mapping[str, Any] | None = None,
-        store_timeout: float | None = None,
-    ) -> Server:
-        """Start one server; ``store``, ``store_options`` and ``store_timeout`` override the
-        ones set on ``self`` for this server only."""
-        server = self.spawn(
-            name,
-            lease=lease,
-            delay=delay,
-            workers=workers,
-            hold=hold,
-            store=store,
-            store_options=store_options,
-            store_timeout=store_timeout,
-        )
+    def start(self, name: str, **settings: Any) -> Server:
+        """Start one server (settings as for :meth:`spawn`) and return once it answers."""
+        server = self.spawn(name, **settings)
         wait_until_serving(server)
         return server
 
     def start_many(self, names: Iterable[str], **settings: Any) -> list[Server]:
         """Start one server per name, all at once, with the same settings (those of
-        :meth:`start`); return once every one of them answers."""
+        :meth:`spawn`); return once every one of them answers."""
         started = [self.spawn(name, **settings) for name in names]
         for server in started:
             wait_until_serving(server)
@@ -167,7 +146,9 @@ class Servers:
         store_options: Mapping[str, Any] | None = None,
         store_timeout: float | None = None,
     ) -> Server:
-        """Start one server and return at once, before it answers."""
+        """Start one server and return at once, before it answers; ``store``,
+        ``store_options`` and ``store_timeout`` override the ones set on ``self`` for this
+        server only."""
         port = free_port()
         log_path = self.tmp_path / f"server-{name}.log"
         options = self.store_options if store_options is None else store_options

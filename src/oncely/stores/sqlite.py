@@ -163,15 +163,15 @@ class SQLiteStore:
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self._connect(self._busy_ms)
+            conn = self._local.conn = self._connect()
         return conn
 
-    def _connect(self, busy_ms: int) -> sqlite3.Connection:
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
-            self.path, isolation_level=None, timeout=busy_ms / 1000, check_same_thread=False
+            self.path, isolation_level=None, timeout=self._busy_ms / 1000, check_same_thread=False
         )
         try:
-            conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+            conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             self._enable_wal(conn)
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.executescript(_SCHEMA.format(table=self.table))
