@@ -305,6 +305,41 @@ async def test_redirects_are_kept_and_replayed() -> None:
     assert api.runs["/redirect"] == 1
 
 
+async def test_a_trailing_slash_redirect_releases_the_key_so_the_redirected_request_runs_once() -> (
+    None
+):
+    """POST /payments/ is redirected (307) to /payments by the router; the client follows it with
+    the same key. The 307 is not the outcome: the redirected request runs, once."""
+    async with serve() as (client, api):
+        h = headers(new_key())
+        redirected = await client.post("/payments/", json=PAYMENT, headers=h)
+        followed = await client.post(
+            "/payments/", json=PAYMENT, headers=h, follow_redirects=True
+        )
+        again = await client.post("/payments", json=PAYMENT, headers=h)
+    assert redirected.status_code == 307
+    assert redirected.headers["location"].endswith("/payments")
+    assert followed.status_code == 201, followed.text
+    assert not replayed(followed)
+    assert [r.status_code for r in followed.history] == [307]
+    assert replayed(again)
+    assert again.content == followed.content
+    assert api.runs["/payments"] == 1
+
+
+@pytest.mark.parametrize("code", [307, 308])
+async def test_307_and_308_are_released_not_kept(code: int) -> None:
+    """A 307 or 308 asks for the same request elsewhere: each repeat runs again, and another
+    payload under the key is not refused as a reuse."""
+    async with serve(replay_errors=True) as (client, api):
+        h = headers(new_key())
+        first = await client.post(f"/status/{code}", headers=h)
+        second = await client.post(f"/status/{code}", headers=h)
+    assert first.status_code == second.status_code == code
+    assert not replayed(second)
+    assert api.runs[f"/status/{code}"] == 2
+
+
 @pytest.mark.parametrize("code", [400, 404, 409, 422])
 async def test_4xx_answers_are_kept_and_replayed(code: int) -> None:
     """Client errors are outcomes: a retry gets the same 4xx without running."""
@@ -548,7 +583,7 @@ async def test_a_route_ttl_ends_its_replay_window_and_leaves_a_tombstone(clock: 
         other = await client.post("/short", json={"amount": 1}, headers=short)
         default_ttl = await client.post("/payments", json=PAYMENT, headers=long)
     assert replayed(within)
-    body = problem(expired, "response-not-replayable", 409)
+    body = problem(expired, "response-not-replayable", 410)
     assert body["reason"] == "expired"
     problem(other, "idempotency-key-reused", 422)
     assert replayed(default_ttl)
@@ -717,14 +752,14 @@ async def test_a_chunked_request_body_reaches_the_app_whole() -> None:
 
 
 async def test_a_response_over_the_storage_limit_reaches_the_client_but_is_not_replayed() -> None:
-    """The first client gets every byte; a repeat is told the operation completed (409)."""
+    """The first client gets every byte; a repeat is told the operation completed (410)."""
     async with serve(max_response_body=1000, api=Api(big=5000)) as (client, api):
         h = headers(new_key())
         first = await client.post("/big", headers=h)
         second = await client.post("/big", headers=h)
     assert first.status_code == 201
     assert first.content == b"x" * 5000
-    body = problem(second, "response-not-replayable", 409)
+    body = problem(second, "response-not-replayable", 410)
     assert body["original_status"] == 201
     assert body["location"] == "/reports/1"
     assert api.runs["/big"] == 1

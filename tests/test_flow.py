@@ -167,6 +167,16 @@ def test_2xx_3xx_and_4xx_answers_are_completed(status: int) -> None:
     assert end(f, True) == Fresh(stored=True)
 
 
+@pytest.mark.parametrize("replay_errors", [False, True])
+@pytest.mark.parametrize("status", [307, 308])
+def test_307_and_308_release_the_key_even_with_replay_errors(status: int, replay_errors: bool) -> None:
+    """A redirect that asks for the same request elsewhere is not the outcome: the redirected
+    request, under the same key, must be free to run."""
+    f = claimed_and_ran(Policy(replay_errors=replay_errors))
+    assert step(f, ran(status)) == Release(CLAIM)
+    assert end(f, True) == Fresh(stored=False)
+
+
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 408, 429])
 def test_5xx_408_and_429_release_the_key(status: int) -> None:
     """Transient answers are not kept: the key is released so a retry runs again."""
@@ -309,18 +319,19 @@ def test_retry_after_is_at_least_one_second() -> None:
     assert outcome.error.headers() == [("retry-after", "1")]
 
 
-def test_an_expired_response_is_409_expired() -> None:
+def test_an_expired_response_is_410_expired() -> None:
     """Past the replay window (record still kept), the repeat is told it completed and expired."""
     f, _ = start()
     outcome = end(f, completed(expires_at=NOW))
     problem = refused(outcome)
     assert isinstance(outcome, Refuse)
     assert isinstance(outcome.error, ResponseNotReplayable)
-    assert problem["status"] == 409
+    assert problem["status"] == 410
     assert problem["reason"] == "expired"
+    assert outcome.error.headers() == []  # permanent: nothing to retry after
 
 
-def test_a_tombstone_is_409_expired() -> None:
+def test_a_tombstone_is_410_expired() -> None:
     """A completed record whose response was dropped (a tombstone) never runs again."""
     f, _ = start()
     problem = refused(end(f, completed(response=None, expires_at=NOW - 1)))
@@ -328,12 +339,12 @@ def test_a_tombstone_is_409_expired() -> None:
     assert problem["reason"] == "expired"
 
 
-def test_a_response_too_large_to_keep_is_409_with_status_and_location() -> None:
+def test_a_response_too_large_to_keep_is_410_with_status_and_location() -> None:
     """A completed but unreplayable record says so, with the original status and Location."""
     kept = StoredResponse(status=201, headers=HEADERS, body=b"", replayable=False)
     f, _ = start()
     problem = refused(end(f, completed(response=kept)))
-    assert problem["status"] == 409
+    assert problem["status"] == 410
     assert problem["reason"] == "too_large"
     assert problem["original_status"] == 201
     assert problem["location"] == "/payments/pay_1"
@@ -522,14 +533,16 @@ def test_a_too_large_transient_answer_is_released_not_completed() -> None:
 @pytest.mark.parametrize(
     ("status", "kept"),
     [
-        *[(200, True), (201, True), (301, True), (400, True), (422, True), (499, True)],
+        *[(200, True), (201, True), (301, True), (302, True), (303, True), (400, True)],
+        *[(422, True), (499, True), (307, False), (308, False)],
         *[(408, False), (429, False), (500, False), (503, False), (599, False)],
     ],
 )
 def test_is_kept_follows_the_table(status: int, kept: bool) -> None:
-    """2xx, 3xx, 4xx are kept except 408 and 429; 5xx are not; replay_errors keeps all."""
+    """2xx, 3xx, 4xx are kept except 307, 308, 408 and 429; 5xx are not; replay_errors keeps
+    all but the redirects that ask for the same request elsewhere."""
     assert is_kept(status, replay_errors=False) is kept
-    assert is_kept(status, replay_errors=True) is True
+    assert is_kept(status, replay_errors=True) is (status not in (307, 308))
 
 
 def test_a_response_the_app_committed_itself_costs_no_further_store_write() -> None:

@@ -11,7 +11,8 @@ Every error a client can see knows its HTTP answer and renders itself as
         ├── MalformedKey              400
         ├── MissingScope              400
         ├── KeyInFlight               409  + Retry-After
-        ├── ResponseNotReplayable     409  (the operation completed; its response is not kept)
+        ├── ResponseNotReplayable     410  (the operation completed; its response is not kept:
+        │                                   permanent, so retrying clients stop)
         ├── RequestTooLarge           413
         ├── KeyReused                 422  (same key, another request)
         └── StoreUnavailable          503  + Retry-After
@@ -121,7 +122,8 @@ class KeyInFlight(_RetryLater):
 
 
 class ResponseNotReplayable(ProblemError):
-    status = 409
+    # 410, not 409: 409 is "still in flight", which clients retry; this will never change.
+    status = 410
     slug = "response-not-replayable"
     title = "The operation completed, but its response cannot be replayed"
 

@@ -13,12 +13,13 @@ back in; a failed operation is thrown back in as its exception. The flow returns
       └─► Existing ─► other fingerprint ─────────────────────────► Refuse 422
                    ├─► in flight ─► (wait: Sleep, Claim again) ───► Refuse 409
                    ├─► completed, in its replay window ─────────────► Replay
-                   └─► completed, expired or not replayable ────────► Refuse 409
+                   └─► completed, expired or not replayable ────────► Refuse 410
       └─► store unavailable ─► fail closed: Refuse 503 (fail_open: PassThrough)
 
 What is kept (the client always sees the original answer): 2xx, 3xx and 4xx outcomes are stored
 and replayed; 5xx, 408, 429 and exceptions release the key so a retry runs again, unless
-``replay_errors`` keeps them too (at most once, as Stripe's API v1 does). An exception raised
+``replay_errors`` keeps them too (at most once, as Stripe's API v1 does). 307 and 308 are never
+kept: they ask for the same request elsewhere, which must then be free to run under the key. An exception raised
 after the app sent a whole answer (a framework's error page, a failing background task) is judged
 by that answer's status, as if the app had returned it.
 
@@ -203,8 +204,15 @@ INTERNAL_ERROR_BODY = (
 )
 
 
+# 307 and 308 ask the client to send the same request elsewhere (RFC 9110 15.4.8, 15.4.9): the
+# operation has not happened, and the redirected request (same key) must be free to run.
+REDIRECTS_TO_REPEAT = frozenset({307, 308})
+
+
 def is_kept(status: int, *, replay_errors: bool) -> bool:
     """Whether an answer with ``status`` is stored and replayed (see the module docstring)."""
+    if status in REDIRECTS_TO_REPEAT:
+        return False
     if replay_errors:
         return True
     return 100 <= status < 500 and status not in (408, 429)
