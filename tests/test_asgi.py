@@ -985,7 +985,8 @@ async def test_fail_open_runs_the_app_when_the_store_is_down() -> None:
 
 
 async def test_a_store_that_fails_after_the_run_still_answers_the_client() -> None:
-    """The app ran: its answer goes out even if it cannot be stored."""
+    """The app ran: its answer goes out even if it cannot be stored (after store_timeout, while
+    the write is tried again until the lease ends)."""
 
     class FailsOnComplete(MemoryStore):
         async def complete(
@@ -993,7 +994,8 @@ async def test_a_store_that_fails_after_the_run_still_answers_the_client() -> No
         ) -> bool:
             raise StoreUnavailable("down after the claim")
 
-    async with serve(FailsOnComplete()) as (client, api):
+    store = FailsOnComplete()
+    async with serve(store, store_timeout=0.05, lease=0.5) as (client, api):
         response = await client.post("/payments", json=PAYMENT, headers=headers(new_key()))
     assert response.status_code == 201
     assert response.json()["id"] == "pay_1"
@@ -1003,20 +1005,44 @@ async def test_a_store_that_fails_after_the_run_still_answers_the_client() -> No
 # Other scopes -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["lifespan", "websocket"])
-async def test_non_http_scopes_pass_straight_through(kind: str) -> None:
-    """Lifespan and websocket scopes reach the app untouched, with the same receive/send."""
+async def test_websocket_scopes_pass_straight_through() -> None:
+    """Websocket scopes reach the app untouched, with the same receive/send."""
     seen: list[tuple[ASGIMessage, Any, Any]] = []
 
     async def app(scope: ASGIMessage, receive: Any, send: Any) -> None:
         seen.append((scope, receive, send))
 
     mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant)
-    scope: ASGIMessage = {"type": kind, "headers": [(b"idempotency-key", b"k")]}
+    scope: ASGIMessage = {"type": "websocket", "headers": [(b"idempotency-key", b"k")]}
     receive, send = receive_body(b""), collect([])
     await mw(scope, receive, send)
     await mw.aclose()
     assert seen == [(scope, receive, send)]
+
+
+async def test_the_lifespan_reaches_the_app_with_every_message() -> None:
+    """The app gets the lifespan scope, every message it is sent and the same send."""
+    seen: list[Any] = []
+    sent: list[ASGIMessage] = []
+
+    async def app(scope: ASGIMessage, receive: Any, send: Any) -> None:
+        seen.append((scope, send))
+        seen.append(await receive())
+        seen.append(await receive())
+        await send({"type": "lifespan.shutdown.complete"})
+
+    mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant)
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+
+    async def receive() -> ASGIMessage:
+        return next(messages)
+
+    scope: ASGIMessage = {"type": "lifespan"}
+    send = collect(sent)
+    await mw(scope, receive, send)
+    await mw.aclose()
+    assert seen == [(scope, send), {"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    assert sent == [{"type": "lifespan.shutdown.complete"}]
 
 
 async def test_a_client_that_disconnects_while_sending_its_body_gets_nothing_run() -> None:

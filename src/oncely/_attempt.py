@@ -42,12 +42,14 @@ the handler returns, so a crash between your commit and that store also re-runs 
 from __future__ import annotations
 
 import contextvars
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from ._codec import Claimed, StoredResponse
+from ._drive import Lease, write_while_owned
 from ._errors import ConfigurationError, OncelyError
 from .stores import AsyncStore
 
@@ -144,9 +146,14 @@ class Attempt:
         ttl: float,
         tombstone_ttl: float,
         header_allowlist: frozenset[str],
+        lease: Lease | None = None,
+        store_timeout: float | None = None,
     ) -> None:
         self._store = store
         self._claim = claim
+        # With the driver's lease, a checkpoint that meets a store blip is tried again while
+        # the lease holds: its phase has committed, and losing the point would re-run it.
+        self._lease, self._store_timeout = lease, store_timeout
         self._ttl, self._tombstone_ttl = ttl, tombstone_ttl
         self._allowlist = header_allowlist
         self._phases: dict[str, Any] = {name: json.loads(data) for name, data in claim.phases}
@@ -256,6 +263,15 @@ class Attempt:
     async def checkpoint(self, name: str, data: Any = None) -> None:
         """Record a recovery point in the store's own round trip (any store; no shared tx)."""
         encoded = self._encode(name, data)
-        if not await self._store.record_phase(self._claim, name, encoded):
+        write = functools.partial(self._store.record_phase, self._claim, name, encoded)
+        owned: object
+        if self._lease is None:
+            owned = await write()
+        else:
+            limit = None if getattr(self._store, "in_process", False) else self._store_timeout
+            owned = await write_while_owned(
+                write, self._lease, limit, key=self.key, what=f"recovery point {name!r}"
+            )
+        if not owned:
             raise LeaseLost(f"key {self.key} was taken over")
         self._phases[name] = json.loads(encoded)

@@ -19,12 +19,15 @@ back in; a failed operation is thrown back in as its exception. The flow returns
 What is kept (the client always sees the original answer): 2xx, 3xx and 4xx outcomes are stored
 and replayed; 5xx, 408, 429 and exceptions release the key so a retry runs again, unless
 ``replay_errors`` keeps them too (at most once, as Stripe's API v1 does). 307 and 308 are never
-kept: they ask for the same request elsewhere, which must then be free to run under the key. An exception raised
-after the app sent a whole answer (a framework's error page, a failing background task) is judged
-by that answer's status, as if the app had returned it.
+kept: they ask for the same request elsewhere, which must then be free to run under the key.
+An exception raised after the app sent a whole answer (a framework's error page, a failing
+background task) is judged by that answer's status, as if the app had returned it.
 
-The driver alone renews the lease while the app runs (a background task), because the flow
-cannot do two things at once; a lost lease shows up as ``Complete`` returning False.
+The driver alone renews the lease while the app runs and its outcome is written (a background
+task), because the flow cannot do two things at once; a lost lease shows up as ``Complete``
+returning False. The driver also retries a write after the app while the lease holds (a store
+blip must not cost a second run); one that has not landed within ``store_timeout`` of the app's
+answer comes back as :class:`Deferred`: the client is answered and the write goes on.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ __all__ = [
     "AppFailed",
     "Claim",
     "Complete",
+    "Deferred",
     "Failed",
     "Flow",
     "Fresh",
@@ -153,6 +157,12 @@ class AppFailed:
     response: Ran | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Deferred:
+    """The result of a write after the app that has not landed yet: the driver answers the
+    client now and goes on writing (see ``_drive``)."""
+
+
 # Outcomes ---------------------------------------------------------------------------------
 
 
@@ -176,6 +186,8 @@ class Fresh:
     # Another claim took the key over and its answer is the one kept: the driver should not
     # hand this one out as if it were the result (it aborts the response instead).
     superseded: bool = False
+    # The write of the outcome goes on after the answer (the store is slow or out).
+    deferred: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,8 +364,12 @@ def flow(
             done = yield Complete(
                 claimed, _to_store(result, header_allowlist), policy.ttl, policy.tombstone_ttl
             )
+            if isinstance(done, Deferred):
+                return Fresh(stored=False, deferred=True)
             return Fresh(stored=bool(done), lost_lease=not done, superseded=not done)
         released = yield Release(claimed)
+        if isinstance(released, Deferred):
+            return Fresh(stored=False, deferred=True)
         return Fresh(stored=False, lost_lease=not released)
     except StoreUnavailable as exc:
         return Fresh(stored=False, store_error=exc)

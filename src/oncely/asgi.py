@@ -21,7 +21,7 @@ from ._attempt import Attempt, LeaseLost
 from ._attempt import _current as _current_attempt
 from ._codec import Claimed, StoredResponse
 from ._config import DEFAULT_METHODS, Request, Route, Scope
-from ._drive import adrive
+from ._drive import BackgroundWrites, Lease, adrive
 from ._errors import (
     ConfigurationError,
     MalformedKey,
@@ -132,9 +132,31 @@ class IdempotencyMiddleware:
         )
         self._default = _Resolved(self.policy, required, self.ignore_fields)
         self._cache: dict[tuple[str, str], _Resolved | None] = {}
+        # Outcome writes still going on after their client was answered (a store blip).
+        self.writes = BackgroundWrites()
+
+    async def drain(self) -> None:
+        """Wait for the outcome writes still going on in the background (each ends when it
+        lands or when its lease does). Done on lifespan shutdown and by :meth:`aclose`."""
+        await self.writes.drain()
 
     async def aclose(self) -> None:
+        await self.drain()
         await self.store.aclose()
+
+    async def _lifespan(
+        self, scope: MutableMapping[str, Any], receive: Receive, send: Send
+    ) -> None:
+        """Pass the lifespan to the app, letting the writes in the background land before the
+        app hears of shutdown (and closes what they need)."""
+
+        async def receive_draining() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown":
+                await self.drain()
+            return message
+
+        await self.app(scope, receive_draining, send)
 
     def _resolve(self, method: str, path: str) -> _Resolved | None:
         """The settings for (method, path), or None when such requests are not protected."""
@@ -179,7 +201,10 @@ class IdempotencyMiddleware:
 
     async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
             return
         method: str = scope["method"]
         path: str = scope.get("path", "/")
@@ -333,6 +358,7 @@ class _Exchange:
             self._run_app,
             lease=self.settings.policy.lease,
             store_timeout=mw.store_timeout,
+            writes=mw.writes,
         )
         if isinstance(outcome, Replay):
             await _send_stored(self.send, outcome.response, replayed=True)
@@ -402,7 +428,7 @@ class _Exchange:
         else:
             await self.send(message)
 
-    async def _run_app(self, claim: Claimed | None) -> Ran | AppFailed:
+    async def _run_app(self, claim: Claimed | None, lease: Lease | None) -> Ran | AppFailed:
         scope = self.scope
         extensions = scope.get("extensions")
         if extensions and any(name in extensions for name in _HIDDEN_EXTENSIONS):
@@ -419,6 +445,8 @@ class _Exchange:
                 ttl=policy.ttl,
                 tombstone_ttl=policy.tombstone_ttl,
                 header_allowlist=self.mw.header_allowlist,
+                lease=lease,
+                store_timeout=self.mw.store_timeout,
             )
         reset = _current_attempt.set(attempt)
         try:

@@ -554,6 +554,11 @@ class PostgresStore:
     # Connections: the pool opens on first use, and the table is made ready once per store.
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        """The one error of this store: whatever psycopg or its pool raised, the store could
+        not be used (not only ``psycopg.Error``: a closed transport under uvloop is a
+        ``RuntimeError``). Cancellation is not an ``Exception`` and passes through."""
+        if isinstance(exc, StoreUnavailable):
+            return exc
         name = f"{self.schema}.{self.table}"
         return StoreUnavailable(f"PostgreSQL store {name} failed: {type(exc).__name__}: {exc}")
 
@@ -588,7 +593,7 @@ class PostgresStore:
             pool = self._pool if self._ready and self._pool is not None else await self._open()
             async with pool.connection() as conn:
                 yield conn
-        except psycopg.Error as exc:
+        except Exception as exc:  # see _unavailable: any failure of the driver or the pool
             raise self._unavailable(exc) from exc
 
     async def _migrate(self, conn: psycopg.AsyncConnection[Any], *, only_if_missing: bool) -> None:
@@ -640,7 +645,7 @@ class PostgresStore:
                 return await cur.fetchone() if rows else cur.rowcount
             finally:
                 await pool.putconn(conn)
-        except psycopg.Error as exc:
+        except Exception as exc:  # see _unavailable: any failure of the driver or the pool
             raise self._unavailable(exc) from exc
 
     async def _fetchone(self, query: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:

@@ -55,7 +55,6 @@ from redis.exceptions import (
     ConnectionError,
     NoScriptError,
     RedisClusterException,
-    RedisError,
     ResponseError,
 )
 
@@ -359,7 +358,7 @@ class _Connections:
         can_read = getattr(conn, "can_read", None) or conn.can_read_destructive
         try:
             return bool(await can_read())
-        except (RedisError, OSError):
+        except Exception:  # a reset, a closed transport (RuntimeError under uvloop), ...
             return True
 
     def give_back(self, conn: AbstractConnection) -> None:
@@ -449,6 +448,15 @@ class RedisStore:
         return self.prefix + key
 
     def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        """The one error of this store: whatever redis-py raised, the store could not be used.
+
+        Not only ``RedisError``: under uvloop a connection whose transport was closed under it
+        (a reset) raises ``RuntimeError``, and a failure that escaped as such would skip every
+        retry and leave the key in flight until its lease ends, and the retry after it would run
+        the request a second time. Cancellation is not an ``Exception`` and passes through.
+        """
+        if isinstance(exc, StoreUnavailable):
+            return exc
         return StoreUnavailable(f"Redis store failed: {type(exc).__name__}: {exc}")
 
     async def _ready(self) -> None:
@@ -470,7 +478,7 @@ class RedisStore:
                 return await self._send(_command(b"EVALSHA", script.sha, b"1", key, *args))
             except NoScriptError:
                 return await self._send(_command(b"EVAL", script.text, b"1", key, *args))
-        except (RedisError, RedisClusterException) as exc:
+        except Exception as exc:  # see _unavailable: any failure of the client library
             raise self._unavailable(exc) from exc
 
     async def _eval_on_cluster(self, script: _Script, key: bytes, args: tuple[bytes, ...]) -> Any:
@@ -576,7 +584,7 @@ class RedisStore:
         try:
             await self._ready()
             fields = await self.client.hgetall(self.redis_key(key))
-        except (RedisError, RedisClusterException) as exc:
+        except Exception as exc:  # see _unavailable: any failure of the client library
             raise self._unavailable(exc) from exc
         return _record_of_hash(key, fields) if fields else None
 
@@ -588,7 +596,7 @@ class RedisStore:
         try:
             await self._ready()
             return await self._purge_scan(limit)
-        except (RedisError, RedisClusterException) as exc:
+        except Exception as exc:  # see _unavailable: any failure of the client library
             raise self._unavailable(exc) from exc
 
     async def _purge_scan(self, limit: int) -> int:
@@ -641,5 +649,5 @@ class RedisStore:
             if self._connections is not None:
                 await self._connections.close()
             await self.client.aclose()
-        except (RedisError, RedisClusterException) as exc:
+        except Exception as exc:  # see _unavailable: any failure of the client library
             raise self._unavailable(exc) from exc

@@ -347,8 +347,10 @@ class SQLiteStore:
                 return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         except TimeoutError as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r} is locked by a writer") from exc
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"SQLite store {self.path!r} failed: {exc}") from exc
+        except Exception as exc:  # sqlite3.Error, an executor shut down, a full disk ...
+            raise StoreUnavailable(
+                f"SQLite store {self.path!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def migrate(self) -> None:
         """Create the table and its index now (they are also created on first use)."""
