@@ -313,9 +313,7 @@ async def test_a_trailing_slash_redirect_releases_the_key_so_the_redirected_requ
     async with serve() as (client, api):
         h = headers(new_key())
         redirected = await client.post("/payments/", json=PAYMENT, headers=h)
-        followed = await client.post(
-            "/payments/", json=PAYMENT, headers=h, follow_redirects=True
-        )
+        followed = await client.post("/payments/", json=PAYMENT, headers=h, follow_redirects=True)
         again = await client.post("/payments", json=PAYMENT, headers=h)
     assert redirected.status_code == 307
     assert redirected.headers["location"].endswith("/payments")

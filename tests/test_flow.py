@@ -169,7 +169,9 @@ def test_2xx_3xx_and_4xx_answers_are_completed(status: int) -> None:
 
 @pytest.mark.parametrize("replay_errors", [False, True])
 @pytest.mark.parametrize("status", [307, 308])
-def test_307_and_308_release_the_key_even_with_replay_errors(status: int, replay_errors: bool) -> None:
+def test_307_and_308_release_the_key_even_with_replay_errors(
+    status: int, replay_errors: bool
+) -> None:
     """A redirect that asks for the same request elsewhere is not the outcome: the redirected
     request, under the same key, must be free to run."""
     f = claimed_and_ran(Policy(replay_errors=replay_errors))
