@@ -1,10 +1,14 @@
-"""Shared test helpers: an injectable clock, and the rule that a skip under CI is a failure."""
+"""Shared test helpers: an injectable clock, the rule that a skip under CI is a failure, and
+both event loops (asyncio's and uvloop's) for the tests marked ``both_loops``."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Callable, Mapping
 
 import pytest
+import uvloop
 
 REQUIRE_SERVICES = os.environ.get("ONCELY_REQUIRE_SERVICES") == "1"
 
@@ -32,3 +36,18 @@ def service_missing(reason: str) -> None:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    # What uvicorn runs on whenever uvicorn[standard] is installed; drivers fail differently
+    # on it (a closed transport is a RuntimeError, not an OSError).
+    "uvloop": uvloop.new_event_loop,
+}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]] | None:
+    """Tests marked ``both_loops`` run once on each event loop."""
+    return LOOPS if item.get_closest_marker("both_loops") is not None else None

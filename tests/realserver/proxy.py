@@ -12,6 +12,7 @@ Modes, for connections made from then on and for live ones:
 - ``HANG``: connections are accepted and nothing is forwarded either way: what was sent is held
   (as a network that has stopped delivering holds it) and delivered when the mode is ``PASS``
   again. A client that gave up meanwhile has closed its end; what it had sent still arrives.
+- ``GARBLE``: the server's answers reach the client as bytes of no protocol (a protocol error).
 
 And two one-off faults:
 
@@ -43,6 +44,7 @@ from typing import Any, Protocol, TypeVar
 T = TypeVar("T")
 
 CHUNK = 65536
+GARBAGE = b"\x7f"  # a message type neither PostgreSQL's nor Redis's protocol has
 CONTROL_TIMEOUT = 10.0
 REPLY_WAIT = 5.0  # how long a trap that forwards waits for the server's answer before the cut
 
@@ -51,6 +53,7 @@ class Mode(enum.Enum):
     PASS = "pass"
     REFUSE = "refuse"
     HANG = "hang"
+    GARBLE = "garble"
 
 
 class Reader(Protocol):
@@ -285,6 +288,8 @@ class _Link:
                 if self.muted:
                     self.answered.set()
                     continue
+                if self.proxy.mode is Mode.GARBLE:
+                    data = GARBAGE * len(data)
                 self.client_writer.write(data)
                 await self.client_writer.drain()
         except OSError:
