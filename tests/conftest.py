@@ -48,6 +48,8 @@ LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
-) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]] | None:
-    """Tests marked ``both_loops`` run once on each event loop."""
-    return LOOPS if item.get_closest_marker("both_loops") is not None else None
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests marked ``both_loops`` run once on each event loop; the others on asyncio's."""
+    if item.get_closest_marker("both_loops") is not None:
+        return LOOPS
+    return {"asyncio": LOOPS["asyncio"]}

@@ -221,7 +221,7 @@ class _Renewal:
                     self._store.renew(self._claim, lease=self._lease.duration), self._timeout
                 )
             except StoreUnavailable as exc:
-                pause = min(backoff, self._interval)
+                pause = min(backoff, self._interval, WRITE_RETRY_CAP)
                 log.warning("oncely: lease renewal failed, retrying in %g s: %s", pause, exc)
                 await asyncio.sleep(pause)
                 backoff *= 2

@@ -73,6 +73,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
 
 from .._codec import (
     Claimed,
@@ -452,6 +453,33 @@ def _forget(task: asyncio.Task[Any]) -> None:
         task.exception()  # no one awaits it: mark its error as seen
 
 
+class _PromptAttempt(AttemptWithBackoff):
+    """Reconnection attempts 0.1 s apart at first, doubling to 1 s at most.
+
+    psycopg's pool doubles from 1 s without bound: after a server outage of 8 s its next try
+    came about 7 s after the server was back, past the lease of a request whose outcome was
+    waiting to be written, and the retry after that lease ran the request a second time.
+    """
+
+    INITIAL_DELAY = 0.1
+    MAX_DELAY = 1.0
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, self.MAX_DELAY)
+
+
+class _Pool(AsyncConnectionPool[Any]):
+    """psycopg's pool, reconnecting promptly once the server is back (see _PromptAttempt)."""
+
+    async def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        await super()._add_connection(
+            attempt or _PromptAttempt(timeout=self.reconnect_timeout), growing=growing
+        )
+
+
 class PostgresStore:
     """Idempotency records in a PostgreSQL table (``postgresql://…``); see the module docstring.
 
@@ -565,7 +593,7 @@ class PostgresStore:
     async def _open(self) -> AsyncConnectionPool:
         async with self._lock:
             if self._pool is None:
-                pool = AsyncConnectionPool(
+                pool = _Pool(
                     self._conninfo,
                     kwargs=self._kwargs,
                     min_size=self._min_size,
