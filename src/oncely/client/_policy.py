@@ -251,7 +251,7 @@ class RetryBudget:
             tokens = self._tokens.get(origin, self.cap)
             if tokens < self.cost:
                 return False
-            self._tokens[origin] = tokens - self.cost
+            self._tokens[origin] = round(tokens - self.cost, 9)
             return True
 
     def succeed(self, origin: str) -> None:
@@ -259,7 +259,8 @@ class RetryBudget:
         with self._lock:
             tokens = self._tokens.get(origin, self.cap)
             if tokens < self.cap:
-                self._tokens[origin] = min(self.cap, tokens + self.deposit)
+                # Rounded: ten deposits of 0.1 are one token, not 0.9999999999999999.
+                self._tokens[origin] = min(self.cap, round(tokens + self.deposit, 9))
 
 
 SHARED_BUDGET = RetryBudget()
