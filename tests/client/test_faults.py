@@ -102,6 +102,15 @@ async def test_an_outage_of_503s_stops_on_the_budget_and_reports_it(
     assert stops == ["attempts"] * 5 + ["budget"] * 2
     assert client.faults.attempts == 17
     assert budget.tokens("http://127.0.0.1:9") == 0.0
+    # A 503 is no success, even when it is not retried (no key): it earns no token.
+    await client.request(
+        "POST", "/payments", json=payment(new_customer()), extensions={"oncely": {"key": False}}
+    )
+    assert budget.tokens("http://127.0.0.1:9") == 0.0
+    # A real answer does: 0.1.
+    client.faults.script[:] = [answer(201)]
+    await client.request("POST", "/payments", json=payment(new_customer()))
+    assert budget.tokens("http://127.0.0.1:9") == 0.1
 
 
 async def test_every_transport_in_the_process_shares_one_budget_per_origin(

@@ -13,7 +13,14 @@ from oncely.client import (
     RetryBudget,
     RetryPolicy,
 )
-from oncely.client._policy import backoff, clip_timeouts, error_kind, parse_retry_after
+from oncely.client._policy import (
+    TooLong,
+    backoff,
+    clip_timeouts,
+    error_kind,
+    next_step,
+    parse_retry_after,
+)
 
 from .support import http_date
 
@@ -163,3 +170,35 @@ def test_the_budget_is_a_token_bucket_per_origin() -> None:
 )
 def test_which_errors_prove_the_request_never_left(error: Exception, kind: str | None) -> None:
     assert error_kind(error) == kind
+
+
+def _step(policy: RetryPolicy | None = None, **given: object) -> object:
+    options: dict[str, object] = {
+        "attempts": 1,
+        "retryable": True,
+        "success": False,
+        "replayable": True,
+        "status": 500,
+        "wait": None,
+        "elapsed": 0.0,
+        "jitter": 0.5,
+    }
+    options.update(given)
+    return next_step(policy or RetryPolicy(), **options)  # type: ignore[arg-type]
+
+
+def test_the_next_step_after_an_attempt() -> None:
+    """Stop reasons in order: not retryable, out of attempts, body sent once, Retry-After too
+    long (RetryLater), a sleep past the deadline; else the larger of Retry-After and backoff."""
+    assert _step(retryable=False, success=True) == "success"
+    assert _step(retryable=False) == "not_retryable"
+    assert _step(attempts=3) == "attempts"
+    assert _step(replayable=False) == "not_retryable"
+    assert _step(wait=61.0) == TooLong(61.0)
+    assert _step(wait=20.0) == 20.0
+    assert _step(RetryPolicy(deadline=None), wait=60.0) == 60.0
+    assert _step(RetryPolicy(deadline=None), wait=60.5) == TooLong(60.5)
+    assert _step(wait=10.0, elapsed=25.0) == TooLong(10.0)
+    assert _step(elapsed=29.9) == "deadline"  # 0.125 s would end past 30 s
+    assert _step(wait=3.0) == 3.0
+    assert _step(wait=0.0) == 0.125
