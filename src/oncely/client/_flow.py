@@ -226,19 +226,20 @@ class Call:
     request: httpx.Request
     options: Options
     body: bytes | None
+    _digest: str | None = field(default=None, init=False)
 
     def digest(self) -> str | None:
         """The request's fingerprint, as the server computes it (None for an unread stream)."""
-        if self.body is None:
-            return None
-        url = self.request.url
-        return fingerprint(
-            self.request.method,
-            url.path,
-            url.query.decode("ascii", "replace"),
-            self.request.headers.get("content-type"),
-            self.body,
-        )
+        if self._digest is None and self.body is not None:
+            url = self.request.url
+            self._digest = fingerprint(
+                self.request.method,
+                url.path,
+                url.query.decode("ascii", "replace"),
+                self.request.headers.get("content-type"),
+                self.body,
+            )
+        return self._digest
 
 
 def flow(s: Settings, call: Call) -> Generator[Op, Any, httpx.Response]:
