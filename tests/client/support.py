@@ -272,6 +272,16 @@ class Service:
         raise AssertionError(f"no {'settled ' if settled else ''}payment of {customer}")
 
 
+@contextlib.contextmanager
+def running_service(directory: Path, *, card_latency_ms: float = 0.0) -> Iterator[Service]:
+    """A payments service for the ``with`` block, stopped after it."""
+    started = start_service(directory, card_latency_ms=card_latency_ms)
+    try:
+        yield started
+    finally:
+        started.server.stop()
+
+
 def start_service(directory: Path, *, card_latency_ms: float = 0.0) -> Service:
     """Start the reference payments service on a free port; return once it answers."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -23,18 +23,15 @@ import pytest
 from oncely.client import KeyJournal
 
 from ..realserver.conftest import ROOT
-from .support import Service, new_customer, start_service
+from .support import Service, new_customer, running_service
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def slow_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    started = start_service(tmp_path_factory.mktemp("crash-payments"), card_latency_ms=6000)
-    try:
+    with running_service(tmp_path_factory.mktemp("crash"), card_latency_ms=6000) as started:
         yield started
-    finally:
-        started.server.stop()
 
 
 def payer(service: Service, journal: Path, name: str, customer: str) -> subprocess.Popen[str]:
