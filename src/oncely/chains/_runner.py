@@ -1,0 +1,951 @@
+"""Running a chain: once, and again after a crash, without repeating an effect.
+
+Theory of operation. :func:`_flow` is a generator over the whole run that yields what needs
+I/O -- :class:`Send` a request (through oncely's client), :class:`Sleep` -- and receives the
+answer (or the exception) back. :func:`run_chain` drives it with ``httpx.Client`` over
+:class:`~oncely.client.IdempotentTransport`, :func:`arun_chain` with the async twins; every
+decision is made once, here. The journal (SQLite, synchronous) is written from the flow.
+
+One step, in a run or a resumed run::
+
+    journal says ran/replayed (nothing redacted) ─> its captures and body, nothing sent
+    condition not met ───────────────────────────> skipped
+    render the request (unknown reference: error, nothing sent)
+    unsafe (POST, PATCH): intent + key, on disk ─> send with Idempotency-Key (the client
+        retries with that key) ─> crash here? resume sends again with the same key and the
+        server replays ("replayed") or runs it once
+    expectations, captures ─> result on disk ─> next step (a failure stops the chain unless
+        continue_on_error)
+
+The key is ``uuid5(run id, step, iteration)``: the same on every retry and every re-run of the
+run. A run is bound to its definition and inputs (fingerprints): another chain or other inputs
+under the same run id are refused (:class:`ResumeRefused`) before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import mimetypes
+import os
+import re
+import secrets as _secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import jsonpath
+from dotenv import dotenv_values
+
+from ..client import (
+    AsyncIdempotentTransport,
+    IdempotentTransport,
+    KeyReusedError,
+    RetryLater,
+    RetryPolicy,
+)
+from ._journal import DEFAULT_JOURNAL, Journal, StepRecord
+from ._model import Capture, Chain, ChainError, DefinitionError, Step
+from ._refs import (
+    SENSITIVE_HEADERS,
+    Scope,
+    Secrets,
+    StepData,
+    check_references,
+    references,
+    render,
+)
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_REFUSED",
+    "EXIT_TRANSPORT",
+    "EXIT_USAGE",
+    "HOOK_POINTS",
+    "Event",
+    "ResumeRefused",
+    "RunResult",
+    "StepFinished",
+    "StepResult",
+    "StepStarted",
+    "arun_chain",
+    "chain_key",
+    "load_env",
+    "run_chain",
+]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TRANSPORT, EXIT_REFUSED = 0, 1, 2, 3, 4
+StepState = Literal["ran", "replayed", "skipped", "failed"]
+# The names of the points where a hook is called (tests stop the process there).
+HOOK_POINTS = ("before_step", "after_intent", "after_send", "after_step")
+_KEYS = uuid.UUID("6f1c1e1a-0c5e-4f3e-9b7a-2a1d0c0ce1e5")  # the namespace of chain keys
+MAX_KEPT_BODY = 2**20
+
+
+class ResumeRefused(ChainError):
+    """The run id names a run of another chain definition or with other inputs."""
+
+
+# What the flow asks its driver to do. -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    request: httpx.Request
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    seconds: float
+
+
+# What it tells the caller. ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """One step (one iteration of a ``for_each``): what happened, as shown and reported.
+
+    ``state``: ran, replayed (the server answered with its stored response), skipped or
+    failed. ``journal``: taken from the journal of an earlier process, not sent now.
+    Everything here is redacted.
+    """
+
+    name: str
+    state: StepState
+    method: str
+    url: str
+    iteration: int | None = None
+    status: int | None = None
+    attempts: int = 0
+    replayed: bool = False
+    elapsed: float = 0.0
+    journal: bool = False
+    captures: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    transport_error: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name if self.iteration is None else f"{self.name}[{self.iteration}]"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "iteration": self.iteration,
+            "state": self.state,
+            "method": self.method,
+            "url": self.url,
+            "status": self.status,
+            "attempts": self.attempts,
+            "replayed": self.replayed,
+            "elapsed": self.elapsed,
+            "journal": self.journal,
+            "captures": self.captures,
+            "error": self.error,
+            "transport_error": self.transport_error,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StepResult:
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """A whole run: its id, every step's result, the exit code (0, 1 or 3)."""
+
+    run_id: str
+    chain: str
+    steps: tuple[StepResult, ...]
+    exit_code: int
+    resumed: bool = False
+    started: float = 0.0
+    elapsed: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == EXIT_OK
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "chain": self.chain,
+            "exit_code": self.exit_code,
+            "passed": self.passed,
+            "resumed": self.resumed,
+            "started": self.started,
+            "elapsed": self.elapsed,
+            "steps": [step.to_json() for step in self.steps],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunResult:
+        return cls(
+            run_id=data["run_id"],
+            chain=data["chain"],
+            steps=tuple(StepResult.from_json(s) for s in data["steps"]),
+            exit_code=data["exit_code"],
+            resumed=data["resumed"],
+            started=data["started"],
+            elapsed=data["elapsed"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StepStarted:
+    name: str
+    iteration: int | None
+    index: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepFinished:
+    result: StepResult
+    index: int
+    total: int
+    printed: tuple[str, ...] = ()
+
+
+Event = StepStarted | StepFinished
+Flow = Generator[Send | Sleep, Any, RunResult]
+
+
+def chain_key(run_id: str, step: str, iteration: int | None = None) -> str:
+    """The Idempotency-Key of a step in a run (and iteration): the same every time."""
+    name = f"{run_id}/{step}" if iteration is None else f"{run_id}/{step}/{iteration}"
+    return str(uuid.uuid5(_KEYS, name))
+
+
+def load_env(chain: Chain, env_file: str | Path | None = None) -> dict[str, str]:
+    """The environment for ``${ENV:...}``: ``.env`` files beside the chain, its parent folder,
+    the working directory, then ``env_file``; the process environment wins over all of them."""
+    merged: dict[str, str] = {}
+    files: list[Path] = []
+    if chain.source is not None:
+        files += [chain.source.parent / ".env", chain.source.parent.parent / ".env"]
+    files.append(Path(".env"))
+    for path in files:
+        if path.is_file():
+            merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    if env_file is not None:
+        path = Path(env_file)
+        if not path.is_file():
+            raise DefinitionError(f"env file {str(path)!r} does not exist")
+        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+def _digest(*parts: object) -> str:
+    text = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _inputs(chain: Chain, given: Mapping[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(given) - set(chain.inputs))
+    if unknown:
+        declared = sorted(chain.inputs) or "none"
+        raise DefinitionError(f"unknown input(s) {unknown}; the chain declares: {declared}")
+    values: dict[str, Any] = {}
+    for name, spec in chain.inputs.items():
+        if name in given:
+            values[name] = given[name]
+        elif spec.default is not None:
+            values[name] = spec.default
+        elif spec.required:
+            raise DefinitionError(f"input {name!r} is required: give --input {name}=VALUE")
+    return values
+
+
+@dataclass
+class _Run:
+    """The state of one run while the flow goes."""
+
+    chain: Chain
+    run_id: str
+    journal: Journal
+    scope: Scope
+    hook: Callable[[str, str], None] | None
+    clock: Callable[[], float]
+    on_event: Callable[[Event], None] | None
+    policy: RetryPolicy | None
+    timeout: float
+    results: list[StepResult] = field(default_factory=list)
+
+    def emit(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def point(self, name: str, step: str) -> None:
+        if self.hook is not None:
+            self.hook(name, step)
+
+
+def _prepare(
+    chain: Chain,
+    inputs: Mapping[str, Any] | None,
+    run_id: str | None,
+    journal: Journal,
+    env: Mapping[str, str] | None,
+    env_file: str | Path | None,
+) -> tuple[str, Scope, bool]:
+    """Inputs, references, fingerprints and the run's journal entry; nothing is sent."""
+    environment = dict(env) if env is not None else load_env(chain, env_file)
+    existing = journal.run(run_id) if run_id is not None else None
+    given = dict(inputs or {})
+    if existing is not None:
+        # A resume: the recorded inputs, except secret ones, which are given again.
+        recorded = {k: v for k, v in existing.input_values.items() if v is not None}
+        given = {**recorded, **given}
+    values = _inputs(chain, given)
+    secrets = Secrets()
+    for template in (chain.variables, *[_all_templates(step) for step in chain.steps]):
+        for reference in references(template):
+            if reference.startswith("ENV:") and reference[4:] in environment:
+                secrets.add(environment[reference[4:]])
+    for name, spec in chain.inputs.items():
+        if spec.secret and name in values:
+            secrets.add(values[name])
+    check_references(chain, values, environment)
+    run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{_secrets.token_hex(3)}"
+    definition = chain.fingerprint()
+    inputs_digest = _digest(run_id, values)
+    if existing is not None:
+        if existing.definition != definition:
+            raise ResumeRefused(
+                f"run {run_id!r} was started with another chain definition "
+                f"({existing.chain or existing.name}); it cannot continue with this one. "
+                "Start a new run (another --run-id, or none)."
+            )
+        if existing.inputs != inputs_digest:
+            changed = sorted(
+                k
+                for k in set(values) | set(existing.input_values)
+                if existing.input_values.get(k) != values.get(k)
+                and not chain.inputs.get(k, _NOT_SECRET).secret
+            )
+            named = f" ({', '.join(changed)})" if changed else " (a secret input)"
+            raise ResumeRefused(
+                f"run {run_id!r} was started with other inputs{named}; it cannot continue with "
+                "these. Give the same inputs, or start a new run (another --run-id, or none)."
+            )
+    else:
+        journal.create_run(
+            run_id,
+            chain=None if chain.source is None else str(chain.source),
+            name=chain.name,
+            definition=definition,
+            inputs=inputs_digest,
+            input_values={k: None if chain.inputs[k].secret else v for k, v in values.items()},
+        )
+    scope = Scope(chain.variables, values, environment, {}, secrets)
+    return run_id, scope, existing is not None
+
+
+class _NotSecret:
+    secret = False
+
+
+_NOT_SECRET: Any = _NotSecret()
+
+
+def _all_templates(step: Step) -> list[Any]:
+    return [step.url, dict(step.headers), step.payload, step.key, step.for_each, dict(step.files)]
+
+
+# The flow ------------------------------------------------------------------------------
+
+
+def _flow(run: _Run, resumed: bool) -> Flow:
+    started = time.time()
+    t0 = run.clock()
+    total = len(run.chain.steps)
+    stopped = False
+    for index, step in enumerate(run.chain.steps):
+        if stopped:
+            break
+        run.point("before_step", step.name)
+        iterations = _iterations(run, step)
+        for iteration in iterations:
+            run.emit(StepStarted(step.name, iteration, index, total))
+            result, printed = yield from _step(run, step, index, iteration)
+            run.results.append(result)
+            run.emit(StepFinished(result, index, total, printed))
+            run.point("after_step", step.name)
+            if result.state == "failed" and not step.continue_on_error:
+                stopped = True
+                break
+    failed = [r for r in run.results if r.state == "failed"]
+    if any(r.transport_error for r in failed):
+        code = EXIT_TRANSPORT
+    elif failed:
+        code = EXIT_FAILED
+    else:
+        code = EXIT_OK
+    run.journal.finish_run(run.run_id, "passed" if code == EXIT_OK else "failed", code)
+    return RunResult(
+        run_id=run.run_id,
+        chain=run.chain.name,
+        steps=tuple(run.results),
+        exit_code=code,
+        resumed=resumed,
+        started=started,
+        elapsed=run.clock() - t0,
+    )
+
+
+def _iterations(run: _Run, step: Step) -> list[int | None]:
+    if step.for_each is None:
+        return [None]
+    items = render(step.for_each, run.scope, step.name)
+    if not isinstance(items, list):
+        raise DefinitionError(f"step {step.name!r}: for_each must be a list, not {items!r}")
+    return list(range(len(items)))
+
+
+def _condition_met(run: _Run, step: Step) -> str | None:
+    """None if the step runs; else why it is skipped."""
+    for condition in step.condition:
+        data = run.scope.steps.get(condition.step)
+        if data is None:
+            return f"step {condition.step!r} has no result"
+        actual = _dotted(data.body, condition.key_path)
+        if str(actual) != condition.expected_value:
+            return (
+                f"condition not met: {condition.step}.{condition.key_path} is {actual!r}, "
+                f"not {condition.expected_value!r}"
+            )
+    return None
+
+
+def _dotted(data: Any, path: str) -> Any:
+    """api-chain-runner's key path: dict keys and list indexes (negative too); None if absent."""
+    current = data
+    for key in path.split("."):
+        if isinstance(current, dict) and key in current:
+            current = current[key]
+        elif isinstance(current, list) and re.fullmatch(r"-?\d+", key):
+            index = int(key)
+            if not -len(current) <= index < len(current):
+                return None
+            current = current[index]
+        else:
+            return None
+    return current
+
+
+def _remember(
+    run: _Run, step: Step, iteration: int | None, body: Any, captures: dict[str, Any]
+) -> None:
+    if iteration is None:
+        run.scope.steps[step.name] = StepData(body, captures)
+        return
+    data = run.scope.steps.setdefault(step.name, StepData([], {}))
+    data.body.append(body)
+    for name, value in captures.items():
+        data.captures.setdefault(name, []).append(value)
+
+
+def _from_journal(run: _Run, step: Step, iteration: int | None, record: StepRecord) -> StepResult:
+    _remember(run, step, iteration, record.body, record.captures)
+    for capture in step.capture:
+        if capture.secret:
+            run.scope.secrets.add(record.captures.get(capture.name))
+    return StepResult(
+        name=step.name,
+        state="replayed" if record.state == "replayed" else "ran",
+        method=record.method,
+        url=record.url,
+        iteration=iteration,
+        status=record.status,
+        attempts=record.attempts,
+        replayed=record.replayed,
+        elapsed=record.elapsed,
+        journal=True,
+        captures=run.scope.secrets.redact(record.captures),
+    )
+
+
+def _step(
+    run: _Run, step: Step, index: int, iteration: int | None
+) -> Generator[Send | Sleep, Any, tuple[StepResult, tuple[str, ...]]]:
+    number = 0 if iteration is None else iteration
+    record = run.journal.step(run.run_id, step.name, number)
+    if record is not None and record.done:
+        return _from_journal(run, step, iteration, record), ()
+    secrets = run.scope.secrets
+    skip = _condition_met(run, step)
+    if skip is not None:
+        result = StepResult(step.name, "skipped", step.method, "", iteration, error=skip)
+        _record(run, step, index, number, result, None, body=None, digest=None, redacted=False)
+        return result, ()
+    scope = run.scope
+    if iteration is not None:
+        items = render(step.for_each, scope, step.name)
+        scope = replace(scope, each={"value": items[iteration], "index": iteration})
+    request, key = _build(run, step, scope, iteration)
+    shown_url = secrets.redact_text(str(request.url))
+    if step.delay > 0:
+        yield Sleep(step.delay)
+    if step.unsafe:
+        run.journal.intent(
+            run.run_id, step.name, number, index, key=key, method=step.method, url=shown_url
+        )
+        run.point("after_intent", step.name)
+    t0 = run.clock()
+    attempts = 0
+    while True:
+        try:
+            response: httpx.Response = yield Send(request)
+        except (httpx.TransportError, RetryLater) as exc:
+            error = _describe_request(step, request, secrets) + f": {type(exc).__name__}: {exc}"
+            result = StepResult(
+                step.name,
+                "failed",
+                step.method,
+                shown_url,
+                iteration,
+                attempts=attempts + 1,
+                elapsed=run.clock() - t0,
+                error=secrets.redact_text(error),
+                transport_error=True,
+            )
+            _record(run, step, index, number, result, key, body=None, digest=None, redacted=False)
+            return result, ()
+        except KeyReusedError as exc:
+            error = _describe_request(step, request, secrets) + f": {exc}"
+            result = StepResult(
+                step.name,
+                "failed",
+                step.method,
+                shown_url,
+                iteration,
+                attempts=attempts + 1,
+                elapsed=run.clock() - t0,
+                error=secrets.redact_text(error),
+            )
+            _record(run, step, index, number, result, key, body=None, digest=None, redacted=False)
+            return result, ()
+        report = response.extensions.get("oncely") or {}
+        attempts += int(report.get("attempts", 1))
+        if step.polling is None:
+            break
+        verdict = _poll_verdict(step, response)
+        elapsed = run.clock() - t0
+        if verdict or elapsed >= step.polling.max_timeout:
+            break
+        yield Sleep(min(step.polling.interval, step.polling.max_timeout - elapsed))
+    run.point("after_send", step.name)
+    replayed = (
+        bool(report.get("replayed"))
+        or response.headers.get("idempotent-replayed", "").lower() == "true"
+    )
+    body = _json_body(response)
+    failure, captures = _judge(run, step, scope, request, response, body)
+    if failure is None and step.polling is not None and not _poll_verdict(step, response):
+        failure = _polling_timed_out(step, response, body)
+    state: StepState = "failed" if failure else ("replayed" if replayed else "ran")
+    for capture in step.capture:
+        if capture.secret and capture.name in captures:
+            secrets.add(captures[capture.name])
+    kept_body = body if len(response.content) <= MAX_KEPT_BODY else None
+    stored_captures = secrets.redact(captures)
+    stored_body = secrets.redact(kept_body)
+    redacted = (
+        stored_captures != captures
+        or stored_body != kept_body
+        or (kept_body is None and body is not None)
+    )
+    result = StepResult(
+        name=step.name,
+        state=state,
+        method=step.method,
+        url=shown_url,
+        iteration=iteration,
+        status=response.status_code,
+        attempts=attempts,
+        replayed=replayed,
+        elapsed=run.clock() - t0,
+        captures=stored_captures,
+        error=None if failure is None else secrets.redact_text(failure),
+    )
+    if state != "failed":
+        _remember(run, step, iteration, body, captures)
+    digest = "sha256:" + hashlib.sha256(response.content).hexdigest()
+    _record(
+        run, step, index, number, result, key, body=stored_body, digest=digest, redacted=redacted
+    )
+    printed = tuple(
+        secrets.redact_text(f"{path} = {_dotted(body, path)}") for path in step.print_keys
+    )
+    return result, printed
+
+
+def _record(
+    run: _Run,
+    step: Step,
+    index: int,
+    number: int,
+    result: StepResult,
+    key: str | None,
+    *,
+    body: Any,
+    digest: str | None,
+    redacted: bool,
+) -> None:
+    run.journal.result(
+        run.run_id,
+        step.name,
+        number,
+        index,
+        state=result.state,
+        key=key,
+        method=result.method,
+        url=result.url,
+        status=result.status,
+        attempts=result.attempts,
+        replayed=result.replayed,
+        elapsed=result.elapsed,
+        captures=result.captures,
+        body=body,
+        digest=digest,
+        redacted=redacted,
+        error=result.error,
+    )
+
+
+def _build(
+    run: _Run, step: Step, scope: Scope, iteration: int | None
+) -> tuple[httpx.Request, str | None]:
+    """The request of a step (references rendered), and the key it carries."""
+    name = step.name
+    url = render(step.url, scope, name)
+    if not isinstance(url, str):
+        raise DefinitionError(f"step {name!r}: the url renders to {url!r}, not a string")
+    headers: dict[str, str] = {}
+    for header, value in render(dict(step.headers), scope, name).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        headers[header] = text
+        if header.lower() in SENSITIVE_HEADERS:
+            # "Bearer abc": the whole value and the credential alone are secrets.
+            scope.secrets.add(text)
+            scope.secrets.add(text.partition(" ")[2].strip())
+    key: str | None = None
+    extensions: dict[str, Any] = {}
+    oncely: dict[str, Any] = {}
+    if step.unsafe:
+        if not step.idempotent:
+            oncely["key"] = False
+        else:
+            given = None if step.key is None else render(step.key, scope, name)
+            key = str(given) if given is not None else chain_key(run.run_id, name, iteration)
+            headers = {k: v for k, v in headers.items() if k.lower() != "idempotency-key"}
+            headers["Idempotency-Key"] = key
+    policy = _policy(run, step)
+    if policy is not None:
+        oncely["policy"] = policy
+    if oncely:
+        extensions["oncely"] = oncely
+    timeout = step.timeout or run.timeout
+    extensions["timeout"] = httpx.Timeout(timeout).as_dict()
+    content: dict[str, Any] = {}
+    if step.files:
+        boundary = hashlib.sha256(f"{run.run_id}/{name}/{iteration}".encode()).hexdigest()[:32]
+        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+        content["files"] = _files(run, step, scope)
+    elif step.payload is not None:
+        content["json"] = render(step.payload, scope, name)
+    try:
+        request = httpx.Request(step.method, url, headers=headers, extensions=extensions, **content)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError, TypeError) as exc:
+        raise DefinitionError(
+            f"step {name!r}: cannot build the request to {scope.secrets.redact_text(url)!r}: {exc}"
+        ) from exc
+    return request, key
+
+
+def _files(run: _Run, step: Step, scope: Scope) -> list[tuple[str, tuple[str, bytes, str]]]:
+    base = run.chain.source.parent if run.chain.source is not None else Path.cwd()
+    files = []
+    for field_name, paths in render(dict(step.files), scope, step.name).items():
+        for value in paths if isinstance(paths, list) else [paths]:
+            path = (base / str(value)).resolve()
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise DefinitionError(
+                    f"step {step.name!r}: files.{field_name}: cannot read {str(path)!r}: "
+                    f"{exc.strerror}"
+                ) from exc
+            mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            files.append((field_name, (path.name, data, mime)))
+    return files
+
+
+def _policy(run: _Run, step: Step) -> RetryPolicy | None:
+    if step.retry is None:
+        return run.policy
+    options: dict[str, Any] = {"attempts": step.retry.max_attempts}
+    if step.retry.delay is not None:
+        options["base"] = step.retry.delay
+        options["throttled_base"] = max(step.retry.delay, 1.0)
+    if "5xx" not in step.retry.on:
+        options["statuses"] = frozenset({408, 409, 425, 429})
+    return RetryPolicy(**options)
+
+
+def _json_body(response: httpx.Response) -> Any:
+    if not response.content:
+        return None
+    try:
+        return json.loads(response.content)
+    except ValueError:
+        return None
+
+
+def _describe_request(step: Step, request: httpx.Request, secrets: Secrets) -> str:
+    headers = secrets.headers(
+        {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower()
+            not in (
+                "content-length",
+                "host",
+                "accept",
+                "accept-encoding",
+                "connection",
+                "user-agent",
+            )
+        }
+    )
+    shown = ", ".join(f"{k}: {v}" for k, v in headers.items())
+    return f"{request.method} {secrets.redact_text(str(request.url))} [{shown}]"
+
+
+def _describe_response(response: httpx.Response, body: Any) -> str:
+    text = f"{response.status_code} {response.reason_phrase}".strip()
+    if isinstance(body, dict) and ("title" in body or "detail" in body):
+        title = body.get("title", "")
+        detail = body.get("detail", "")
+        text += f": {title}" + (f" ({detail})" if detail else "")
+    return text
+
+
+def _judge(
+    run: _Run,
+    step: Step,
+    scope: Scope,
+    request: httpx.Request,
+    response: httpx.Response,
+    body: Any,
+) -> tuple[str | None, dict[str, Any]]:
+    """Why the step failed (None if it passed), and its captures."""
+    secrets = scope.secrets
+
+    def failed(why: str) -> str:
+        return (
+            f"{why}; request {_describe_request(step, request, secrets)}; "
+            f"response {_describe_response(response, body)}"
+        )
+
+    status = response.status_code
+    expected = step.expect.status
+    if expected and status not in expected:
+        return failed(f"expected status {' or '.join(map(str, expected))}, got {status}"), {}
+    if not expected and not 200 <= status < 300:
+        return failed(f"expected a 2xx status, got {status}"), {}
+    for path, want in step.expect.body.items():
+        wanted = render(want, scope, step.name)
+        found, actual = _select(path, body)
+        if not found or actual != wanted:
+            shown = "nothing" if not found else json.dumps(actual)
+            return failed(f"expected {json.dumps(wanted)} at {path}, got {shown}"), {}
+    captures: dict[str, Any] = {}
+    for capture in step.capture:
+        ok, value = _capture(capture, response, body)
+        if not ok:
+            return failed(f"capture {capture.name!r}: nothing at {_capture_text(capture)}"), {}
+        captures[capture.name] = value
+    return None, captures
+
+
+def _capture_text(capture: Capture) -> str:
+    return capture.kind if capture.kind == "status" else f"{capture.kind} {capture.expr!r}"
+
+
+def _select(path: str, body: Any) -> tuple[bool, Any]:
+    """The value at a JSON Pointer (``/a/0``) or JSONPath (``$.a[0]``, first match)."""
+    if path.startswith("$"):
+        try:
+            matches = jsonpath.findall(path, body)
+        except jsonpath.JSONPathError:
+            return False, None
+        return (True, matches[0]) if matches else (False, None)
+    try:
+        return True, jsonpath.JSONPointer(path).resolve(body)
+    except (jsonpath.JSONPointerError, TypeError):
+        return False, None
+
+
+def _capture(capture: Capture, response: httpx.Response, body: Any) -> tuple[bool, Any]:
+    if capture.kind == "status":
+        return True, response.status_code
+    if capture.kind == "header":
+        value = response.headers.get(capture.expr)
+        return value is not None, value
+    if capture.kind == "regex":
+        found = re.search(capture.expr, response.text)
+        if found is None:
+            return False, None
+        return True, found.group(1) if found.groups() else found.group(0)
+    if body is None:
+        return False, None
+    return _select(capture.expr or "", body)
+
+
+def _poll_verdict(step: Step, response: httpx.Response) -> bool:
+    polling = step.polling
+    assert polling is not None
+    if not 200 <= response.status_code < 300:
+        return False
+    if polling.key_path is None:
+        return True
+    actual = _dotted(_json_body(response), polling.key_path)
+    return str(actual) in polling.expected_values
+
+
+def _polling_timed_out(step: Step, response: httpx.Response, body: Any) -> str:
+    polling = step.polling
+    assert polling is not None
+    if polling.key_path is None:
+        return (
+            f"polling timed out after {polling.max_timeout:g}s: last status {response.status_code}"
+        )
+    actual = _dotted(body, polling.key_path)
+    return (
+        f"polling timed out after {polling.max_timeout:g}s: {polling.key_path} is {actual!r}, "
+        f"expected one of {list(polling.expected_values)}"
+    )
+
+
+# Drivers -------------------------------------------------------------------------------
+
+
+def _open_journal(journal: Journal | str | Path) -> tuple[Journal, bool]:
+    if isinstance(journal, Journal):
+        return journal, False
+    return Journal(journal), True
+
+
+def run_chain(
+    chain: Chain,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    run_id: str | None = None,
+    journal: Journal | str | Path = DEFAULT_JOURNAL,
+    transport: httpx.BaseTransport | None = None,
+    client_options: Mapping[str, Any] | None = None,
+    policy: RetryPolicy | None = None,
+    env: Mapping[str, str] | None = None,
+    env_file: str | Path | None = None,
+    timeout: float = 30.0,
+    on_event: Callable[[Event], None] | None = None,
+    hook: Callable[[str, str], None] | None = None,
+    sleep: Callable[[float], object] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunResult:
+    """Run ``chain`` (or continue run ``run_id``) and return every step's result.
+
+    Unsafe steps go through :class:`~oncely.client.IdempotentTransport` over ``transport``
+    (default: httpx's own), with ``client_options`` (``budget``, ``sleep``, ...).
+    Raises :class:`DefinitionError` (bad chain or inputs, unknown reference) and
+    :class:`ResumeRefused` before anything is sent.
+    """
+    book, owned = _open_journal(journal)
+    try:
+        run_id, scope, resumed = _prepare(chain, inputs, run_id, book, env, env_file)
+        run = _Run(chain, run_id, book, scope, hook, clock, on_event, policy, timeout)
+        wrapped = IdempotentTransport(transport, **dict(client_options or {}))
+        with httpx.Client(transport=wrapped, timeout=timeout) as client:
+            flow = _flow(run, resumed)
+            value: Any = None
+            throw: BaseException | None = None
+            while True:
+                try:
+                    op = flow.send(value) if throw is None else flow.throw(throw)
+                except StopIteration as done:
+                    result: RunResult = done.value
+                    return result
+                value, throw = None, None
+                try:
+                    if isinstance(op, Send):
+                        response = client.send(op.request)
+                        response.read()
+                        response.close()
+                        value = response
+                    else:
+                        sleep(op.seconds)
+                except Exception as exc:
+                    throw = exc
+    finally:
+        if owned:
+            book.close()
+
+
+async def arun_chain(
+    chain: Chain,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    run_id: str | None = None,
+    journal: Journal | str | Path = DEFAULT_JOURNAL,
+    transport: httpx.AsyncBaseTransport | None = None,
+    client_options: Mapping[str, Any] | None = None,
+    policy: RetryPolicy | None = None,
+    env: Mapping[str, str] | None = None,
+    env_file: str | Path | None = None,
+    timeout: float = 30.0,  # noqa: ASYNC109 - each request's timeout, handed to httpx
+    on_event: Callable[[Event], None] | None = None,
+    hook: Callable[[str, str], None] | None = None,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunResult:
+    """:func:`run_chain`'s async twin, over :class:`~oncely.client.AsyncIdempotentTransport`."""
+    book, owned = _open_journal(journal)
+    try:
+        run_id, scope, resumed = _prepare(chain, inputs, run_id, book, env, env_file)
+        run = _Run(chain, run_id, book, scope, hook, clock, on_event, policy, timeout)
+        wrapped = AsyncIdempotentTransport(transport, **dict(client_options or {}))
+        async with httpx.AsyncClient(transport=wrapped, timeout=timeout) as client:
+            flow = _flow(run, resumed)
+            value: Any = None
+            throw: BaseException | None = None
+            while True:
+                try:
+                    op = flow.send(value) if throw is None else flow.throw(throw)
+                except StopIteration as done:
+                    result: RunResult = done.value
+                    return result
+                value, throw = None, None
+                try:
+                    if isinstance(op, Send):
+                        response = await client.send(op.request)
+                        await response.aread()
+                        await response.aclose()
+                        value = response
+                    else:
+                        await sleep(op.seconds)
+                except Exception as exc:
+                    throw = exc
+    finally:
+        if owned:
+            book.close()
