@@ -17,6 +17,7 @@ import argparse
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,13 @@ __all__ = ["main"]
 CRASH_ENV = "ONCELY_CHAIN_CRASH_AT"
 
 
+class _Help(argparse.HelpFormatter):
+    """Help text wrapped at spaces only, so a file name such as oncely-chains.db stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def _input(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name:
@@ -52,7 +60,8 @@ def _common(cmd: argparse.ArgumentParser) -> None:
         "--journal",
         default=DEFAULT_JOURNAL,
         metavar="PATH",
-        help=f"the run journal, a SQLite file (default: ./{DEFAULT_JOURNAL})",
+        help=f"the run journal, a SQLite file (default: {DEFAULT_JOURNAL} in the working "
+        "directory)",
     )
 
 
@@ -78,21 +87,31 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(
         prog="oncely chain",
         description="Run API chains whose unsafe steps take effect once, and resume them.",
+        formatter_class=_Help,
     )
     sub = top.add_subparsers(dest="action", required=True)
-    run = sub.add_parser("run", help="run a chain file", description="Run a chain file.")
+    run = sub.add_parser(
+        "run", help="run a chain file", description="Run a chain file.", formatter_class=_Help
+    )
     run.add_argument("file", help="the chain (YAML)")
     run.add_argument("--run-id", metavar="R", help="the run's id (default: a new one)")
     _running(run)
     resume = sub.add_parser(
-        "resume", help="continue a run", description="Continue a run where it stopped."
+        "resume",
+        help="continue a run",
+        description="Continue a run where it stopped.",
+        formatter_class=_Help,
     )
     resume.add_argument("run_id", metavar="R", help="the run's id")
     _running(resume)
-    show = sub.add_parser("show", help="show a run's steps", description="Show a run's steps.")
+    show = sub.add_parser(
+        "show", help="show a run's steps", description="Show a run's steps.", formatter_class=_Help
+    )
     show.add_argument("run_id", metavar="R", help="the run's id")
     _common(show)
-    listing = sub.add_parser("list", help="list the runs", description="List the runs.")
+    listing = sub.add_parser(
+        "list", help="list the runs", description="List the runs.", formatter_class=_Help
+    )
     _common(listing)
     return top
 
