@@ -136,5 +136,7 @@ def test_the_fixture_reads_as_api_chain_runner_reads_it() -> None:
     assert wait.polling is not None
     assert (wait.polling.interval, wait.polling.key_path) == (1.0, "status")
     assert wait.polling.expected_values == ("paid",)
-    assert cancel.unsafe and cancel.condition[0].expected_value == "failed"
-    assert listing.retry is not None and listing.retry.max_attempts == 1
+    assert cancel.unsafe
+    assert cancel.condition[0].expected_value == "failed"
+    assert listing.retry is not None
+    assert listing.retry.max_attempts == 1
