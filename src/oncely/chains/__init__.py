@@ -22,6 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         f"oncely.chains needs its extra ({exc.name} is missing): pip install 'oncely[chains]'"
     ) from exc
 
+from ._http import chain_key
 from ._journal import DEFAULT_JOURNAL, Journal, RunRecord, StepRecord
 from ._loader import UNSUPPORTED, load_chain, parse_chain
 from ._model import (
@@ -38,23 +39,20 @@ from ._model import (
 )
 from ._refs import UnknownReference
 from ._report import json_report, junit_xml, read_json_report
-from ._runner import (
+from ._results import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_REFUSED,
     EXIT_TRANSPORT,
     EXIT_USAGE,
-    HOOK_POINTS,
     Event,
     ResumeRefused,
     RunResult,
     StepFinished,
     StepResult,
     StepStarted,
-    arun_chain,
-    chain_key,
-    run_chain,
 )
+from ._runner import HOOK_POINTS, arun_chain, run_chain
 
 __all__ = [
     "DEFAULT_JOURNAL",

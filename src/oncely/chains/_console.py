@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from ._journal import RunRecord, StepRecord
-from ._runner import Event, RunResult, StepFinished, StepResult, StepStarted
+from ._results import Event, RunResult, StepFinished, StepResult, StepStarted
 
 __all__ = ["Display", "plain_table", "runs_table", "step_results"]
 

@@ -14,7 +14,7 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from ._runner import RunResult, StepResult
+from ._results import RunResult, StepResult
 
 __all__ = ["json_report", "junit_xml", "read_json_report", "write_reports"]
 

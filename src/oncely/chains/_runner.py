@@ -27,19 +27,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import mimetypes
 import os
-import re
 import secrets as _secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
-import jsonpath
 from dotenv import dotenv_values
 
 from ..client import (
@@ -49,47 +45,37 @@ from ..client import (
     RetryLater,
     RetryPolicy,
 )
+from ._http import (
+    build_request,
+    describe_request,
+    dotted,
+    json_body,
+    judge,
+    poll_done,
+    polling_timed_out,
+)
 from ._journal import DEFAULT_JOURNAL, Journal, StepRecord
-from ._model import Capture, Chain, ChainError, DefinitionError, Step
-from ._refs import (
-    SENSITIVE_HEADERS,
-    Scope,
-    Secrets,
-    StepData,
-    check_references,
-    references,
-    render,
+from ._model import Chain, DefinitionError, Step
+from ._refs import Scope, Secrets, StepData, check_references, references, render
+from ._results import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TRANSPORT,
+    Event,
+    ResumeRefused,
+    RunResult,
+    StepFinished,
+    StepResult,
+    StepStarted,
+    StepState,
 )
 
-__all__ = [
-    "EXIT_FAILED",
-    "EXIT_OK",
-    "EXIT_REFUSED",
-    "EXIT_TRANSPORT",
-    "EXIT_USAGE",
-    "HOOK_POINTS",
-    "Event",
-    "ResumeRefused",
-    "RunResult",
-    "StepFinished",
-    "StepResult",
-    "StepStarted",
-    "arun_chain",
-    "chain_key",
-    "load_env",
-    "run_chain",
-]
+__all__ = ["HOOK_POINTS", "arun_chain", "load_env", "run_chain"]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TRANSPORT, EXIT_REFUSED = 0, 1, 2, 3, 4
-StepState = Literal["ran", "replayed", "skipped", "failed"]
 # The names of the points where a hook is called (tests stop the process there).
 HOOK_POINTS = ("before_step", "after_intent", "after_send", "after_step")
-_KEYS = uuid.UUID("6f1c1e1a-0c5e-4f3e-9b7a-2a1d0c0ce1e5")  # the namespace of chain keys
+# Bodies up to this size are kept in the journal (redacted); a larger one is sent again on resume.
 MAX_KEPT_BODY = 2**20
-
-
-class ResumeRefused(ChainError):
-    """The run id names a run of another chain definition or with other inputs."""
 
 
 # What the flow asks its driver to do. -------------------------------------------------
@@ -105,123 +91,7 @@ class Sleep:
     seconds: float
 
 
-# What it tells the caller. ------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class StepResult:
-    """One step (one iteration of a ``for_each``): what happened, as shown and reported.
-
-    ``state``: ran, replayed (the server answered with its stored response), skipped or
-    failed. ``journal``: taken from the journal of an earlier process, not sent now.
-    Everything here is redacted.
-    """
-
-    name: str
-    state: StepState
-    method: str
-    url: str
-    iteration: int | None = None
-    status: int | None = None
-    attempts: int = 0
-    replayed: bool = False
-    elapsed: float = 0.0
-    journal: bool = False
-    captures: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    transport_error: bool = False
-
-    @property
-    def label(self) -> str:
-        return self.name if self.iteration is None else f"{self.name}[{self.iteration}]"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "iteration": self.iteration,
-            "state": self.state,
-            "method": self.method,
-            "url": self.url,
-            "status": self.status,
-            "attempts": self.attempts,
-            "replayed": self.replayed,
-            "elapsed": self.elapsed,
-            "journal": self.journal,
-            "captures": self.captures,
-            "error": self.error,
-            "transport_error": self.transport_error,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> StepResult:
-        return cls(**dict(data))
-
-
-@dataclass(frozen=True, slots=True)
-class RunResult:
-    """A whole run: its id, every step's result, the exit code (0, 1 or 3)."""
-
-    run_id: str
-    chain: str
-    steps: tuple[StepResult, ...]
-    exit_code: int
-    resumed: bool = False
-    started: float = 0.0
-    elapsed: float = 0.0
-
-    @property
-    def passed(self) -> bool:
-        return self.exit_code == EXIT_OK
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "chain": self.chain,
-            "exit_code": self.exit_code,
-            "passed": self.passed,
-            "resumed": self.resumed,
-            "started": self.started,
-            "elapsed": self.elapsed,
-            "steps": [step.to_json() for step in self.steps],
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> RunResult:
-        return cls(
-            run_id=data["run_id"],
-            chain=data["chain"],
-            steps=tuple(StepResult.from_json(s) for s in data["steps"]),
-            exit_code=data["exit_code"],
-            resumed=data["resumed"],
-            started=data["started"],
-            elapsed=data["elapsed"],
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class StepStarted:
-    name: str
-    iteration: int | None
-    index: int
-    total: int
-
-
-@dataclass(frozen=True, slots=True)
-class StepFinished:
-    result: StepResult
-    index: int
-    total: int
-    printed: tuple[str, ...] = ()
-
-
-Event = StepStarted | StepFinished
 Flow = Generator[Send | Sleep, Any, RunResult]
-
-
-def chain_key(run_id: str, step: str, iteration: int | None = None) -> str:
-    """The Idempotency-Key of a step in a run (and iteration): the same every time."""
-    name = f"{run_id}/{step}" if iteration is None else f"{run_id}/{step}/{iteration}"
-    return str(uuid.uuid5(_KEYS, name))
 
 
 def load_env(chain: Chain, env_file: str | Path | None = None) -> dict[str, str]:
@@ -417,29 +287,13 @@ def _condition_met(run: _Run, step: Step) -> str | None:
         data = run.scope.steps.get(condition.step)
         if data is None:
             return f"step {condition.step!r} has no result"
-        actual = _dotted(data.body, condition.key_path)
+        actual = dotted(data.body, condition.key_path)
         if str(actual) != condition.expected_value:
             return (
                 f"condition not met: {condition.step}.{condition.key_path} is {actual!r}, "
                 f"not {condition.expected_value!r}"
             )
     return None
-
-
-def _dotted(data: Any, path: str) -> Any:
-    """api-chain-runner's key path: dict keys and list indexes (negative too); None if absent."""
-    current = data
-    for key in path.split("."):
-        if isinstance(current, dict) and key in current:
-            current = current[key]
-        elif isinstance(current, list) and re.fullmatch(r"-?\d+", key):
-            index = int(key)
-            if not -len(current) <= index < len(current):
-                return None
-            current = current[index]
-        else:
-            return None
-    return current
 
 
 def _remember(
@@ -491,7 +345,16 @@ def _step(
     if iteration is not None:
         items = render(step.for_each, scope, step.name)
         scope = replace(scope, each={"value": items[iteration], "index": iteration})
-    request, key = _build(run, step, scope, iteration)
+    base = run.chain.source.parent if run.chain.source is not None else Path.cwd()
+    request, key = build_request(
+        step,
+        scope,
+        run_id=run.run_id,
+        iteration=iteration,
+        policy=run.policy,
+        timeout=run.timeout,
+        base=base,
+    )
     shown_url = secrets.redact_text(str(request.url))
     if step.delay > 0:
         yield Sleep(step.delay)
@@ -505,8 +368,12 @@ def _step(
     while True:
         try:
             response: httpx.Response = yield Send(request)
-        except (httpx.TransportError, RetryLater) as exc:
-            error = _describe_request(step, request, secrets) + f": {type(exc).__name__}: {exc}"
+        except (httpx.TransportError, RetryLater, KeyReusedError) as exc:
+            # Transport failures (after the client's retries) exit 3; a key reused for another
+            # request (the environment changed a body) is the step's own failure.
+            transport = not isinstance(exc, KeyReusedError)
+            error = f"step {step.name!r}: {describe_request(request, secrets)}: "
+            error += f"{type(exc).__name__}: {exc}" if transport else str(exc)
             result = StepResult(
                 step.name,
                 "failed",
@@ -516,21 +383,7 @@ def _step(
                 attempts=attempts + 1,
                 elapsed=run.clock() - t0,
                 error=secrets.redact_text(error),
-                transport_error=True,
-            )
-            _record(run, step, index, number, result, key, body=None, digest=None, redacted=False)
-            return result, ()
-        except KeyReusedError as exc:
-            error = _describe_request(step, request, secrets) + f": {exc}"
-            result = StepResult(
-                step.name,
-                "failed",
-                step.method,
-                shown_url,
-                iteration,
-                attempts=attempts + 1,
-                elapsed=run.clock() - t0,
-                error=secrets.redact_text(error),
+                transport_error=transport,
             )
             _record(run, step, index, number, result, key, body=None, digest=None, redacted=False)
             return result, ()
@@ -538,7 +391,7 @@ def _step(
         attempts += int(report.get("attempts", 1))
         if step.polling is None:
             break
-        verdict = _poll_verdict(step, response)
+        verdict = poll_done(step, response)
         elapsed = run.clock() - t0
         if verdict or elapsed >= step.polling.max_timeout:
             break
@@ -548,10 +401,10 @@ def _step(
         bool(report.get("replayed"))
         or response.headers.get("idempotent-replayed", "").lower() == "true"
     )
-    body = _json_body(response)
-    failure, captures = _judge(run, step, scope, request, response, body)
-    if failure is None and step.polling is not None and not _poll_verdict(step, response):
-        failure = _polling_timed_out(step, response, body)
+    body = json_body(response)
+    failure, captures = judge(step, scope, request, response, body)
+    if failure is None and step.polling is not None and not poll_done(step, response):
+        failure = polling_timed_out(step, response, body)
     state: StepState = "failed" if failure else ("replayed" if replayed else "ran")
     for capture in step.capture:
         if capture.secret and capture.name in captures:
@@ -584,7 +437,7 @@ def _step(
         run, step, index, number, result, key, body=stored_body, digest=digest, redacted=redacted
     )
     printed = tuple(
-        secrets.redact_text(f"{path} = {_dotted(body, path)}") for path in step.print_keys
+        secrets.redact_text(f"{path} = {dotted(body, path)}") for path in step.print_keys
     )
     return result, printed
 
@@ -619,222 +472,6 @@ def _record(
         digest=digest,
         redacted=redacted,
         error=result.error,
-    )
-
-
-def _build(
-    run: _Run, step: Step, scope: Scope, iteration: int | None
-) -> tuple[httpx.Request, str | None]:
-    """The request of a step (references rendered), and the key it carries."""
-    name = step.name
-    url = render(step.url, scope, name)
-    if not isinstance(url, str):
-        raise DefinitionError(f"step {name!r}: the url renders to {url!r}, not a string")
-    headers: dict[str, str] = {}
-    for header, value in render(dict(step.headers), scope, name).items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        headers[header] = text
-        if header.lower() in SENSITIVE_HEADERS:
-            # "Bearer abc": the whole value and the credential alone are secrets.
-            scope.secrets.add(text)
-            scope.secrets.add(text.partition(" ")[2].strip())
-    key: str | None = None
-    extensions: dict[str, Any] = {}
-    oncely: dict[str, Any] = {}
-    if step.unsafe:
-        if not step.idempotent:
-            oncely["key"] = False
-        else:
-            given = None if step.key is None else render(step.key, scope, name)
-            key = str(given) if given is not None else chain_key(run.run_id, name, iteration)
-            headers = {k: v for k, v in headers.items() if k.lower() != "idempotency-key"}
-            headers["Idempotency-Key"] = key
-    policy = _policy(run, step)
-    if policy is not None:
-        oncely["policy"] = policy
-    if oncely:
-        extensions["oncely"] = oncely
-    timeout = step.timeout or run.timeout
-    extensions["timeout"] = httpx.Timeout(timeout).as_dict()
-    content: dict[str, Any] = {}
-    if step.files:
-        boundary = hashlib.sha256(f"{run.run_id}/{name}/{iteration}".encode()).hexdigest()[:32]
-        headers = {k: v for k, v in headers.items() if k.lower() != "content-type"}
-        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
-        content["files"] = _files(run, step, scope)
-    elif step.payload is not None:
-        content["json"] = render(step.payload, scope, name)
-    try:
-        request = httpx.Request(step.method, url, headers=headers, extensions=extensions, **content)
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError, TypeError) as exc:
-        raise DefinitionError(
-            f"step {name!r}: cannot build the request to {scope.secrets.redact_text(url)!r}: {exc}"
-        ) from exc
-    return request, key
-
-
-def _files(run: _Run, step: Step, scope: Scope) -> list[tuple[str, tuple[str, bytes, str]]]:
-    base = run.chain.source.parent if run.chain.source is not None else Path.cwd()
-    files = []
-    for field_name, paths in render(dict(step.files), scope, step.name).items():
-        for value in paths if isinstance(paths, list) else [paths]:
-            path = (base / str(value)).resolve()
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise DefinitionError(
-                    f"step {step.name!r}: files.{field_name}: cannot read {str(path)!r}: "
-                    f"{exc.strerror}"
-                ) from exc
-            mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            files.append((field_name, (path.name, data, mime)))
-    return files
-
-
-def _policy(run: _Run, step: Step) -> RetryPolicy | None:
-    if step.retry is None:
-        return run.policy
-    options: dict[str, Any] = {"attempts": step.retry.max_attempts}
-    if step.retry.delay is not None:
-        options["base"] = step.retry.delay
-        options["throttled_base"] = max(step.retry.delay, 1.0)
-    if "5xx" not in step.retry.on:
-        options["statuses"] = frozenset({408, 409, 425, 429})
-    return RetryPolicy(**options)
-
-
-def _json_body(response: httpx.Response) -> Any:
-    if not response.content:
-        return None
-    try:
-        return json.loads(response.content)
-    except ValueError:
-        return None
-
-
-def _describe_request(step: Step, request: httpx.Request, secrets: Secrets) -> str:
-    headers = secrets.headers(
-        {
-            k: v
-            for k, v in request.headers.items()
-            if k.lower()
-            not in (
-                "content-length",
-                "host",
-                "accept",
-                "accept-encoding",
-                "connection",
-                "user-agent",
-            )
-        }
-    )
-    shown = ", ".join(f"{k}: {v}" for k, v in headers.items())
-    return f"{request.method} {secrets.redact_text(str(request.url))} [{shown}]"
-
-
-def _describe_response(response: httpx.Response, body: Any) -> str:
-    text = f"{response.status_code} {response.reason_phrase}".strip()
-    if isinstance(body, dict) and ("title" in body or "detail" in body):
-        title = body.get("title", "")
-        detail = body.get("detail", "")
-        text += f": {title}" + (f" ({detail})" if detail else "")
-    return text
-
-
-def _judge(
-    run: _Run,
-    step: Step,
-    scope: Scope,
-    request: httpx.Request,
-    response: httpx.Response,
-    body: Any,
-) -> tuple[str | None, dict[str, Any]]:
-    """Why the step failed (None if it passed), and its captures."""
-    secrets = scope.secrets
-
-    def failed(why: str) -> str:
-        return (
-            f"{why}; request {_describe_request(step, request, secrets)}; "
-            f"response {_describe_response(response, body)}"
-        )
-
-    status = response.status_code
-    expected = step.expect.status
-    if expected and status not in expected:
-        return failed(f"expected status {' or '.join(map(str, expected))}, got {status}"), {}
-    if not expected and not 200 <= status < 300:
-        return failed(f"expected a 2xx status, got {status}"), {}
-    for path, want in step.expect.body.items():
-        wanted = render(want, scope, step.name)
-        found, actual = _select(path, body)
-        if not found or actual != wanted:
-            shown = "nothing" if not found else json.dumps(actual)
-            return failed(f"expected {json.dumps(wanted)} at {path}, got {shown}"), {}
-    captures: dict[str, Any] = {}
-    for capture in step.capture:
-        ok, value = _capture(capture, response, body)
-        if not ok:
-            return failed(f"capture {capture.name!r}: nothing at {_capture_text(capture)}"), {}
-        captures[capture.name] = value
-    return None, captures
-
-
-def _capture_text(capture: Capture) -> str:
-    return capture.kind if capture.kind == "status" else f"{capture.kind} {capture.expr!r}"
-
-
-def _select(path: str, body: Any) -> tuple[bool, Any]:
-    """The value at a JSON Pointer (``/a/0``) or JSONPath (``$.a[0]``, first match)."""
-    if path.startswith("$"):
-        try:
-            matches = jsonpath.findall(path, body)
-        except jsonpath.JSONPathError:
-            return False, None
-        return (True, matches[0]) if matches else (False, None)
-    try:
-        return True, jsonpath.JSONPointer(path).resolve(body)
-    except (jsonpath.JSONPointerError, TypeError):
-        return False, None
-
-
-def _capture(capture: Capture, response: httpx.Response, body: Any) -> tuple[bool, Any]:
-    if capture.kind == "status":
-        return True, response.status_code
-    if capture.kind == "header":
-        value = response.headers.get(capture.expr)
-        return value is not None, value
-    if capture.kind == "regex":
-        found = re.search(capture.expr, response.text)
-        if found is None:
-            return False, None
-        return True, found.group(1) if found.groups() else found.group(0)
-    if body is None:
-        return False, None
-    return _select(capture.expr or "", body)
-
-
-def _poll_verdict(step: Step, response: httpx.Response) -> bool:
-    polling = step.polling
-    assert polling is not None
-    if not 200 <= response.status_code < 300:
-        return False
-    if polling.key_path is None:
-        return True
-    actual = _dotted(_json_body(response), polling.key_path)
-    return str(actual) in polling.expected_values
-
-
-def _polling_timed_out(step: Step, response: httpx.Response, body: Any) -> str:
-    polling = step.polling
-    assert polling is not None
-    if polling.key_path is None:
-        return (
-            f"polling timed out after {polling.max_timeout:g}s: last status {response.status_code}"
-        )
-    actual = _dotted(body, polling.key_path)
-    return (
-        f"polling timed out after {polling.max_timeout:g}s: {polling.key_path} is {actual!r}, "
-        f"expected one of {list(polling.expected_values)}"
     )
 
 

@@ -27,14 +27,8 @@ from ._journal import DEFAULT_JOURNAL, Journal
 from ._loader import load_chain
 from ._model import Chain, ChainError, DefinitionError
 from ._report import write_reports
-from ._runner import (
-    EXIT_REFUSED,
-    EXIT_USAGE,
-    HOOK_POINTS,
-    ResumeRefused,
-    RunResult,
-    run_chain,
-)
+from ._results import EXIT_REFUSED, EXIT_USAGE, ResumeRefused, RunResult
+from ._runner import HOOK_POINTS, run_chain
 
 __all__ = ["main"]
 
