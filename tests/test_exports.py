@@ -73,3 +73,46 @@ def test_no_public_name_is_exported_by_accident() -> None:
 def test_the_version_matches_the_package_metadata() -> None:
     """oncely.__version__ is the version the package was installed as."""
     assert oncely.__version__ == importlib.metadata.version("oncely")
+
+
+CLIENT_ALL = [
+    "SHARED_BUDGET",
+    "AsyncIdempotentTransport",
+    "AttemptReport",
+    "BodyNotReplayable",
+    "IdempotentTransport",
+    "JournalEntry",
+    "KeyExpiredError",
+    "KeyJournal",
+    "KeyReusedError",
+    "Report",
+    "RetryBudget",
+    "RetryEvent",
+    "RetryLater",
+    "RetryPolicy",
+    "operation",
+]
+
+
+def test_oncely_client_exports_exactly_the_pinned_names() -> None:
+    """oncely.client (the extra oncely[client]) has its own documented surface."""
+    import oncely.client
+
+    assert oncely.client.__all__ == CLIENT_ALL
+    public = {
+        name
+        for name, value in vars(oncely.client).items()
+        if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert public - {"annotations"} == set(CLIENT_ALL)
+    for name in CLIENT_ALL:
+        assert getattr(oncely.client, name, None) is not None, name
+
+
+def test_import_oncely_does_not_import_the_client() -> None:
+    """The core never pulls in httpx: the client is imported only when asked for."""
+    import subprocess
+    import sys
+
+    code = "import sys, oncely; sys.exit('oncely.client' in sys.modules or 'httpx' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

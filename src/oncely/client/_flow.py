@@ -39,9 +39,10 @@ from ._keys import caller_key, derive_key, format_key, key_hash, new_key
 from ._policy import (
     RetryBudget,
     RetryPolicy,
-    backoff,
+    TooLong,
     clip_timeouts,
     error_kind,
+    next_step,
     parse_retry_after,
     unknown_options,
 )
@@ -67,7 +68,8 @@ log = logging.getLogger("oncely.client")
 
 REUSED = PROBLEM_BASE + "idempotency-key-reused"
 NOT_REPLAYABLE = PROBLEM_BASE + "response-not-replayable"
-Stopped = Literal["success", "not_retryable", "deadline", "budget", "attempts"]
+# Why retrying stopped; "retry_later" only in the report a RetryLater carries.
+Stopped = Literal["success", "not_retryable", "deadline", "budget", "attempts", "retry_later"]
 
 
 class AttemptReport(TypedDict):
@@ -224,19 +226,20 @@ class Call:
     request: httpx.Request
     options: Options
     body: bytes | None
+    _digest: str | None = field(default=None, init=False)
 
     def digest(self) -> str | None:
         """The request's fingerprint, as the server computes it (None for an unread stream)."""
-        if self.body is None:
-            return None
-        url = self.request.url
-        return fingerprint(
-            self.request.method,
-            url.path,
-            url.query.decode("ascii", "replace"),
-            self.request.headers.get("content-type"),
-            self.body,
-        )
+        if self._digest is None and self.body is not None:
+            url = self.request.url
+            self._digest = fingerprint(
+                self.request.method,
+                url.path,
+                url.query.decode("ascii", "replace"),
+                self.request.headers.get("content-type"),
+                self.body,
+            )
+        return self._digest
 
 
 def flow(s: Settings, call: Call) -> Generator[Op, Any, httpx.Response]:
@@ -295,62 +298,57 @@ def flow(s: Settings, call: Call) -> Generator[Op, Any, httpx.Response]:
         status = None if response is None else response.status_code
         attempt = _record(report, status, _name(error), reason, 0.0)
 
-        stop: Stopped | None = None
-        delay = 0.0
-        if not retryable:
-            stop = "success" if response is not None and response.is_success else "not_retryable"
-        elif report["attempts"] >= policy.attempts:
-            stop = "attempts"
-        elif call.body is None:
-            stop = "not_retryable"
-            attempt["reason"] = "streamed body over max_body: not replayable"
-        else:
-            elapsed = s.clock() - start
-            wait = None
-            if response is not None:
-                wait = parse_retry_after(
-                    response.headers.get("retry-after"),
-                    response.headers.get("date"),
-                    s.wall_clock(),
-                )
-            if wait is not None and (
-                wait > policy.retry_after_max
-                or (policy.deadline is not None and elapsed + wait > policy.deadline)
-            ):
-                assert response is not None
-                if problem is None:
-                    problem = yield from _problem(response)
-                yield Close(response)
-                report["stopped"] = "deadline"
-                raise _retry_later(request, report, wait, policy, response, problem)
-            delay = max(wait or 0.0, backoff(policy, report["attempts"] - 1, status, s.random()))
-            if policy.deadline is not None and elapsed + delay >= policy.deadline:
-                stop = "deadline"
-            elif s.budget is not None and not s.budget.withdraw(origin):
-                stop = "budget"
-                log.warning(
-                    "retry budget for %s is exhausted: %s %s not retried (key %s)",
-                    origin,
-                    request.method,
-                    _safe_url(request.url),
-                    key_hash(key),
-                )
-
-        if stop is None:
-            attempt["sleep"] = delay
-            _announce(s, request, report, status, error, reason, delay)
+        wait = None
+        if response is not None and retryable:
+            wait = parse_retry_after(
+                response.headers.get("retry-after"), response.headers.get("date"), s.wall_clock()
+            )
+        step: Stopped | TooLong | float = next_step(
+            policy,
+            attempts=report["attempts"],
+            retryable=retryable,
+            success=response is not None and response.is_success,
+            replayable=call.body is not None,
+            status=status,
+            wait=wait,
+            elapsed=s.clock() - start,
+            jitter=s.random(),
+        )
+        if isinstance(step, float) and s.budget is not None and not s.budget.withdraw(origin):
+            step = "budget"
+            log.warning(
+                "retry budget for %s is exhausted: %s %s not retried (key %s)",
+                origin,
+                request.method,
+                _safe_url(request.url),
+                key_hash(key),
+            )
+        if isinstance(step, TooLong):
+            assert response is not None
+            if problem is None:
+                problem = yield from _problem(response)
+            yield Close(response)
+            report["stopped"] = "retry_later"
+            raise _retry_later(request, report, step.wait, policy, response, problem)
+        if isinstance(step, float):
+            attempt["sleep"] = step
+            _announce(s, request, report, status, error, reason, step)
             if response is not None:
                 yield Close(response)
-            if delay > 0:
-                yield Sleep(delay)
+            if step > 0:
+                yield Sleep(step)
             continue
 
+        stop: Stopped = step
+        unreplayable = retryable and stop == "not_retryable"
+        if unreplayable:
+            attempt["reason"] = "streamed body over max_body: not replayable"
         report["stopped"] = stop
         if response is None:
             assert error is not None
-            raise _final_error(request, report, error, call.body is None and retryable)
-        if not retryable and s.budget is not None:
-            s.budget.succeed(origin)
+            raise _final_error(request, report, error, unreplayable)
+        if final and s.budget is not None:
+            s.budget.succeed(origin)  # the server answered for good: it is healthy
         if operation is not None and final:
             yield Finish(s.journal, operation, response.status_code)
         response.extensions["oncely"] = report
@@ -515,6 +513,7 @@ _STOPS = {
     "deadline": "the next retry would pass the deadline",
     "budget": "the retry budget for this origin is exhausted",
     "attempts": "no attempts left",
+    "retry_later": "the server asked for a longer wait",
 }
 
 

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Never
+from typing import Any, Literal, Never
 
 import httpx
 
@@ -30,9 +30,11 @@ __all__ = [
     "SHARED_BUDGET",
     "RetryBudget",
     "RetryPolicy",
+    "TooLong",
     "backoff",
     "clip_timeouts",
     "error_kind",
+    "next_step",
     "parse_retry_after",
     "unknown_options",
 ]
@@ -156,6 +158,49 @@ def backoff(policy: RetryPolicy, retry: int, status: int | None, random: float) 
     return random * ceiling
 
 
+@dataclass(frozen=True, slots=True)
+class TooLong:
+    """The server asks for a wait the client will not sleep (over ``retry_after_max``, or past
+    the deadline): the caller is told to come back later instead."""
+
+    wait: float
+
+
+def next_step(
+    policy: RetryPolicy,
+    *,
+    attempts: int,
+    retryable: bool,
+    success: bool,
+    replayable: bool,
+    status: int | None,
+    wait: float | None,
+    elapsed: float,
+    jitter: float,
+) -> Literal["success", "not_retryable", "attempts", "deadline"] | TooLong | float:
+    """After attempt number ``attempts``: why to stop (``"success"``, ``"not_retryable"``,
+    ``"attempts"``, ``"deadline"``), a :class:`TooLong` wait, or the seconds to sleep before the
+    next attempt: the larger of ``Retry-After`` (``wait``) and the backoff.
+
+    ``replayable`` is False for a streamed body over the buffer limit (sent once only).
+    """
+    if not retryable:
+        return "success" if success else "not_retryable"
+    if attempts >= policy.attempts:
+        return "attempts"
+    if not replayable:
+        return "not_retryable"
+    deadline = policy.deadline
+    if wait is not None and (
+        wait > policy.retry_after_max or (deadline is not None and elapsed + wait > deadline)
+    ):
+        return TooLong(wait)
+    delay = max(wait or 0.0, backoff(policy, attempts - 1, status, jitter))
+    if deadline is not None and elapsed + delay >= deadline:
+        return "deadline"  # never start a sleep that ends past the deadline
+    return delay
+
+
 def parse_retry_after(value: str | None, date: str | None, now: float) -> float | None:
     """Seconds to wait from a ``Retry-After`` value, or None if it says nothing usable.
 
@@ -251,7 +296,7 @@ class RetryBudget:
             tokens = self._tokens.get(origin, self.cap)
             if tokens < self.cost:
                 return False
-            self._tokens[origin] = tokens - self.cost
+            self._tokens[origin] = round(tokens - self.cost, 9)
             return True
 
     def succeed(self, origin: str) -> None:
@@ -259,7 +304,8 @@ class RetryBudget:
         with self._lock:
             tokens = self._tokens.get(origin, self.cap)
             if tokens < self.cap:
-                self._tokens[origin] = min(self.cap, tokens + self.deposit)
+                # Rounded: ten deposits of 0.1 are one token, not 0.9999999999999999.
+                self._tokens[origin] = min(self.cap, round(tokens + self.deposit, 9))
 
 
 SHARED_BUDGET = RetryBudget()

@@ -188,7 +188,8 @@ def _read_body(request: httpx.Request, limit: int) -> bytes | None:
     except httpx.RequestNotRead:
         pass
     source = request.stream
-    assert isinstance(source, httpx.SyncByteStream), "a sync transport needs a sync body"
+    if not isinstance(source, httpx.SyncByteStream):
+        raise ConfigurationError("IdempotentTransport needs a sync body; this one is async")
     chunks: list[bytes] = []
     size = 0
     iterator = iter(source)
@@ -207,7 +208,8 @@ async def _aread_body(request: httpx.Request, limit: int) -> bytes | None:
     except httpx.RequestNotRead:
         pass
     source = request.stream
-    assert isinstance(source, httpx.AsyncByteStream), "an async transport needs an async body"
+    if not isinstance(source, httpx.AsyncByteStream):
+        raise ConfigurationError("AsyncIdempotentTransport needs an async body; this one is sync")
     chunks: list[bytes] = []
     size = 0
     iterator = aiter(source)
