@@ -25,7 +25,7 @@ POINTS = [
     *[("before_step", step) for step in STEPS],
     ("after_step", "fetch"),
     *[("after_send", step) for step in STEPS],
-    *[("after_intent", step) for step in UNSAFE],
+    ("after_intent", "pay"),
 ]
 
 

@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from oncely.chains.cli import main as chain_main
+
 from .conftest import Cli, Payments, checkout_file, unique
 
 
@@ -89,38 +93,53 @@ def test_running_a_finished_run_again_sends_nothing_twice(
 
 
 def test_exit_codes_for_failures_usage_and_transport(
-    cli: Cli, payments: Payments, tmp_path: Path
+    payments: Payments,
+    tmp_path: Path,
+    api_key: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
+    """1 a step failed, 2 bad definition or usage, 3 transport failure (in process: the
+    exit code is main's return value)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("API_KEY", api_key)
     chain = checkout_file(tmp_path, payments)
-    failing = tmp_path / "failing.yaml"
-    failing.write_text(
-        chain.read_text().replace("expect: {status: 201}", "expect: {status: 202}", 1)
-    )
-    failed = _run(cli, failing, unique("cus_fail"), unique("run"))
-    assert failed.returncode == 1
-    assert "expected status 202, got 201" in failed.stdout
-    assert "create_order" in failed.stdout
 
-    missing_input = cli("run", str(chain))
-    assert missing_input.returncode == 2
-    assert "input 'customer' is required" in missing_input.stderr
-    assert cli("run", str(tmp_path / "missing.yaml")).returncode == 2
-    assert cli("resume", "no-such-run").returncode == 2
-    assert cli("show", "no-such-run").returncode == 2
-    assert cli("frobnicate").returncode == 2
-    unknown_ref = tmp_path / "unknown.yaml"
-    unknown_ref.write_text(
-        chain.read_text().replace("${create_order.order_id}/pay", "${create_ordr.id}/pay")
-    )
-    bad = _run(cli, unknown_ref, unique("cus_ref"), unique("run"))
-    assert bad.returncode == 2
-    assert "step 'pay': unknown reference ${create_ordr.id}" in bad.stderr
+    def run(path: Path, *args: str) -> tuple[int, str, str]:
+        code = chain_main(["run", str(path), *args])
+        out, err = capsys.readouterr()
+        return code, out, err
 
-    nowhere = tmp_path / "nowhere.yaml"
-    nowhere.write_text(chain.read_text().replace(payments.url, "http://127.0.0.1:9"))
-    down = _run(cli, nowhere, unique("cus_down"), unique("run"))
-    assert down.returncode == 3
-    assert "ConnectError" in down.stdout
+    def variant(name: str, old: str, new: str) -> Path:
+        path = tmp_path / name
+        path.write_text(chain.read_text().replace(old, new, 1))
+        return path
+
+    customer = ["--input", f"customer={unique('cus_codes')}"]
+    code, out, _ = run(variant("failing.yaml", "{status: 201}", "{status: 202}"), *customer)
+    assert code == 1
+    assert "step 'create_order': expected status 202, got 201" in out
+
+    code, _, err = run(chain)
+    assert code == 2
+    assert "input 'customer' is required" in err
+    assert run(tmp_path / "missing.yaml", *customer)[0] == 2
+    assert run(chain, *customer, "--input", "nope=1")[0] == 2
+    for args in (["resume", "no-such-run"], ["show", "no-such-run"]):
+        assert chain_main(args) == 2
+        assert "no run 'no-such-run'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        chain_main(["frobnicate"])
+    assert usage.value.code == 2
+
+    typo = variant("typo.yaml", "${create_order.order_id}/pay", "${create_ordr.id}/pay")
+    code, _, err = run(typo, *customer)
+    assert code == 2
+    assert "step 'pay': unknown reference ${create_ordr.id}" in err
+
+    code, out, _ = run(variant("down.yaml", payments.url, "http://127.0.0.1:9"), *customer)
+    assert code == 3
+    assert "ConnectError" in out
 
 
 def test_help_names_the_default_journal(cli: Cli) -> None:
