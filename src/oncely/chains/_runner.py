@@ -25,12 +25,13 @@ under the same run id are refused (:class:`ResumeRefused`) before anything is se
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import secrets as _secrets
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -478,10 +479,53 @@ def _record(
 # Drivers -------------------------------------------------------------------------------
 
 
-def _open_journal(journal: Journal | str | Path) -> tuple[Journal, bool]:
+@contextlib.contextmanager
+def _journal(journal: Journal | str | Path) -> Iterator[Journal]:
+    """The journal given, or one opened (and closed) for this run."""
     if isinstance(journal, Journal):
-        return journal, False
-    return Journal(journal), True
+        yield journal
+        return
+    with Journal(journal) as opened:
+        yield opened
+
+
+def _start(
+    chain: Chain,
+    inputs: Mapping[str, Any] | None,
+    journal: Journal,
+    *,
+    run_id: str | None,
+    env: Mapping[str, str] | None,
+    env_file: str | Path | None,
+    hook: Callable[[str, str], None] | None,
+    clock: Callable[[], float],
+    on_event: Callable[[Event], None] | None,
+    policy: RetryPolicy | None,
+    timeout: float,
+) -> Flow:
+    """The run's flow, once its inputs, references and journal entry are checked."""
+    run_id, scope, resumed = _prepare(chain, inputs, run_id, journal, env, env_file)
+    run = _Run(chain, run_id, journal, scope, hook, clock, on_event, policy, timeout)
+    return _flow(run, resumed)
+
+
+@dataclass
+class _Stepper:
+    """Moves a flow on: hands it the last answer (or exception), returns what it asks next,
+    or the run's result when it is done."""
+
+    flow: Flow
+    value: Any = None
+    error: Exception | None = None
+
+    def next(self) -> Send | Sleep | RunResult:
+        value, error = self.value, self.error
+        self.value, self.error = None, None
+        try:
+            return self.flow.send(value) if error is None else self.flow.throw(error)
+        except StopIteration as done:
+            result: RunResult = done.value
+            return result
 
 
 def run_chain(
@@ -508,35 +552,35 @@ def run_chain(
     Raises :class:`DefinitionError` (bad chain or inputs, unknown reference) and
     :class:`ResumeRefused` before anything is sent.
     """
-    book, owned = _open_journal(journal)
-    try:
-        run_id, scope, resumed = _prepare(chain, inputs, run_id, book, env, env_file)
-        run = _Run(chain, run_id, book, scope, hook, clock, on_event, policy, timeout)
+    with _journal(journal) as book:
+        flow = _start(
+            chain,
+            inputs,
+            book,
+            run_id=run_id,
+            env=env,
+            env_file=env_file,
+            hook=hook,
+            clock=clock,
+            on_event=on_event,
+            policy=policy,
+            timeout=timeout,
+        )
         wrapped = IdempotentTransport(transport, **dict(client_options or {}))
         with httpx.Client(transport=wrapped, timeout=timeout) as client:
-            flow = _flow(run, resumed)
-            value: Any = None
-            throw: BaseException | None = None
-            while True:
-                try:
-                    op = flow.send(value) if throw is None else flow.throw(throw)
-                except StopIteration as done:
-                    result: RunResult = done.value
-                    return result
-                value, throw = None, None
+            stepper = _Stepper(flow)
+            while not isinstance(op := stepper.next(), RunResult):
                 try:
                     if isinstance(op, Send):
                         response = client.send(op.request)
                         response.read()
                         response.close()
-                        value = response
+                        stepper.value = response
                     else:
                         sleep(op.seconds)
                 except Exception as exc:
-                    throw = exc
-    finally:
-        if owned:
-            book.close()
+                    stepper.error = exc
+            return op
 
 
 async def arun_chain(
@@ -557,32 +601,32 @@ async def arun_chain(
     clock: Callable[[], float] = time.monotonic,
 ) -> RunResult:
     """:func:`run_chain`'s async twin, over :class:`~oncely.client.AsyncIdempotentTransport`."""
-    book, owned = _open_journal(journal)
-    try:
-        run_id, scope, resumed = _prepare(chain, inputs, run_id, book, env, env_file)
-        run = _Run(chain, run_id, book, scope, hook, clock, on_event, policy, timeout)
+    with _journal(journal) as book:
+        flow = _start(
+            chain,
+            inputs,
+            book,
+            run_id=run_id,
+            env=env,
+            env_file=env_file,
+            hook=hook,
+            clock=clock,
+            on_event=on_event,
+            policy=policy,
+            timeout=timeout,
+        )
         wrapped = AsyncIdempotentTransport(transport, **dict(client_options or {}))
         async with httpx.AsyncClient(transport=wrapped, timeout=timeout) as client:
-            flow = _flow(run, resumed)
-            value: Any = None
-            throw: BaseException | None = None
-            while True:
-                try:
-                    op = flow.send(value) if throw is None else flow.throw(throw)
-                except StopIteration as done:
-                    result: RunResult = done.value
-                    return result
-                value, throw = None, None
+            stepper = _Stepper(flow)
+            while not isinstance(op := stepper.next(), RunResult):
                 try:
                     if isinstance(op, Send):
                         response = await client.send(op.request)
                         await response.aread()
                         await response.aclose()
-                        value = response
+                        stepper.value = response
                     else:
                         await sleep(op.seconds)
                 except Exception as exc:
-                    throw = exc
-    finally:
-        if owned:
-            book.close()
+                    stepper.error = exc
+            return op
