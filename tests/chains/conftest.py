@@ -150,3 +150,11 @@ def checkout_file(folder: Path, payments: Payments) -> Path:
     text = EXAMPLE.read_text().replace("http://127.0.0.1:8000", payments.url)
     path.write_text(text)
     return path
+
+
+def forward(request: httpx.Request) -> httpx.Response:
+    """Send ``request`` to the real server (for ``httpx.MockTransport`` handlers that watch or
+    change what goes by)."""
+    with httpx.Client() as client:
+        answer = client.send(request)
+        return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)

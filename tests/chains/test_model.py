@@ -16,14 +16,17 @@ from oncely.chains import (
     DefinitionError,
     Expect,
     Input,
+    Journal,
     Polling,
     Step,
     UnknownReference,
     chain_key,
     run_chain,
 )
+from oncely.chains._runner import load_env
+from oncely.client import RetryPolicy
 
-from .conftest import Payments, unique
+from .conftest import Payments, forward, unique
 
 AUTH = {"Authorization": "Bearer ${ENV:API_KEY}"}
 ITEMS = [{"sku": "tea", "quantity": "${inputs.quantity}", "unit_amount": 450}]
@@ -322,3 +325,102 @@ def test_bad_models_are_refused_when_built(build: Any, message: str) -> None:
     with pytest.raises(DefinitionError) as bad:
         build()
     assert message in str(bad.value)
+
+
+def test_env_comes_from_dotenv_files_and_the_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "flows"
+    folder.mkdir()
+    (folder / ".env").write_text('API_KEY="from-beside"\nONLY_BESIDE=1\n')
+    (tmp_path / "extra.env").write_text("API_KEY=from-file\nONCELY_TEST_SHADOWED=file\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ONCELY_TEST_SHADOWED", "process")
+    chain = Chain(steps=[Step("a", "http://x")], source=folder / "flow.yaml")
+    env = load_env(chain)
+    assert (env["API_KEY"], env["ONLY_BESIDE"]) == ("from-beside", "1")
+    env = load_env(chain, tmp_path / "extra.env")
+    assert (env["API_KEY"], env["ONCELY_TEST_SHADOWED"]) == ("from-file", "process")
+    with pytest.raises(DefinitionError, match="does not exist"):
+        load_env(chain, tmp_path / "missing.env")
+
+
+def test_a_path_missing_from_a_response_fails_the_run_before_the_step_is_sent(
+    payments: Payments, tmp_path: Path, api_key: str
+) -> None:
+    sent: list[str] = []
+
+    def spy(request: httpx.Request) -> httpx.Response:
+        sent.append(request.url.path)
+        with httpx.Client() as client:
+            answer = client.send(request)
+            return httpx.Response(
+                answer.status_code, headers=answer.headers, content=answer.content
+            )
+
+    chain = chain_of(
+        payments,
+        order_step(),
+        Step("pay", "${vars.base}/orders/${create_order.no.such.path}/pay", "POST", headers=AUTH),
+    )
+    with Journal(tmp_path / "j.db") as journal:
+        with pytest.raises(UnknownReference, match="create_order's value has nothing at"):
+            run_chain(
+                chain,
+                {"customer": unique("cus_path")},
+                run_id="r-path",
+                journal=journal,
+                transport=httpx.MockTransport(spy),
+                env={"API_KEY": api_key},
+            )
+        run = journal.run("r-path")
+        steps = journal.steps("r-path")
+    assert sent == ["/orders"]
+    assert run is not None
+    assert (run.state, run.exit_code) == ("failed", 2)
+    assert [(s.step, s.state) for s in steps] == [("create_order", "ran"), ("pay", "failed")]
+
+
+def test_a_failed_step_leaves_the_run_resumable(
+    payments: Payments, tmp_path: Path, api_key: str
+) -> None:
+    """The first run stops at a failed step; the resumed run sends it again with its key."""
+    customer = unique("cus_resumable")
+    chain = chain_of(
+        payments,
+        order_step(),
+        Step("pay", "${vars.base}/orders/${create_order.order_id}/pay", "POST", headers=AUTH),
+        Step("after", "${vars.base}/orders/${create_order.order_id}", headers=AUTH),
+    )
+    answers = iter([503])
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/pay"):
+            status = next(answers, None)
+            if status is not None:
+                return httpx.Response(status, json={"title": "down", "detail": "try later"})
+        with httpx.Client() as client:
+            answer = client.send(request)
+            return httpx.Response(
+                answer.status_code, headers=answer.headers, content=answer.content
+            )
+
+    options: dict[str, Any] = {
+        "run_id": unique("run"),
+        "journal": tmp_path / "j.db",
+        "transport": httpx.MockTransport(flaky),
+        "env": {"API_KEY": api_key},
+        "policy": RetryPolicy(attempts=1),
+    }
+    first = run_chain(chain, {"customer": customer}, **options)
+    assert [(s.name, s.state) for s in first.steps] == [("create_order", "ran"), ("pay", "failed")]
+    assert first.exit_code == 1
+    assert "response 503 Service Unavailable: down (try later)" in (first.steps[1].error or "")
+    resumed = run_chain(chain, {"customer": customer}, **options)
+    assert resumed.exit_code == 0
+    assert [(s.name, s.state, s.journal) for s in resumed.steps] == [
+        ("create_order", "ran", True),
+        ("pay", "ran", False),
+        ("after", "ran", False),
+    ]
+    assert len(payments.payments(customer)) == 1

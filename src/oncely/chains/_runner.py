@@ -62,6 +62,7 @@ from ._results import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_TRANSPORT,
+    EXIT_USAGE,
     Event,
     ResumeRefused,
     RunResult,
@@ -244,10 +245,24 @@ def _flow(run: _Run, resumed: bool) -> Flow:
         if stopped:
             break
         run.point("before_step", step.name)
-        iterations = _iterations(run, step)
+        try:
+            iterations = _iterations(run, step)
+        except DefinitionError:
+            run.journal.finish_run(run.run_id, "failed", EXIT_USAGE)
+            raise
         for iteration in iterations:
             run.emit(StepStarted(step.name, iteration, index, total))
-            result, printed = yield from _step(run, step, index, iteration)
+            try:
+                result, printed = yield from _step(run, step, index, iteration)
+            except DefinitionError as exc:
+                # A reference the response does not have: nothing of this step was sent.
+                number = 0 if iteration is None else iteration
+                broken = StepResult(step.name, "failed", step.method, "", iteration, error=str(exc))
+                _record(
+                    run, step, index, number, broken, None, body=None, digest=None, redacted=False
+                )
+                run.journal.finish_run(run.run_id, "failed", EXIT_USAGE)
+                raise
             run.results.append(result)
             run.emit(StepFinished(result, index, total, printed))
             run.point("after_step", step.name)
