@@ -412,3 +412,17 @@ def test_a_failed_step_leaves_the_run_resumable(
         ("after", "ran", False),
     ]
     assert len(payments.payments(customer)) == 1
+
+
+def test_inputs_given_as_text_are_read_as_their_declared_type() -> None:
+    assert Input(type="integer").read("n", "3") == 3
+    assert Input(type="number").read("n", "2.5") == 2.5
+    assert Input(type="boolean").read("b", "true") is True
+    assert Input(type="json").read("j", '{"a": [1]}') == {"a": [1]}
+    assert Input().read("s", "007") == "007"
+    assert Input(type="integer").read("n", 4) == 4  # Python values pass as they are
+    for spec, text in ((Input(type="integer"), "three"), (Input(type="boolean"), "1")):
+        with pytest.raises(DefinitionError, match="must be of type"):
+            spec.read("x", text)
+    with pytest.raises(DefinitionError, match="input type 'int' is not one of"):
+        Input(type="int")  # type: ignore[arg-type]

@@ -119,14 +119,17 @@ def _inputs(raw: object) -> dict[str, Input]:
         if spec is None:
             spec = {}
         if not isinstance(spec, dict):
-            raise DefinitionError(f"input {name!r}: give {{required, secret, default}} or nothing")
-        unknown = sorted(set(spec) - {"required", "secret", "default"})
+            raise DefinitionError(
+                f"input {name!r}: give {{required, secret, default, type}} or nothing"
+            )
+        unknown = sorted(set(spec) - {"required", "secret", "default", "type"})
         if unknown:
             raise DefinitionError(f"input {name!r}: unknown option(s) {unknown}")
         inputs[str(name)] = Input(
             required=_bool(spec.get("required", False), f"input {name!r}: required"),
             secret=_bool(spec.get("secret", False), f"input {name!r}: secret"),
             default=spec.get("default"),
+            type=spec.get("type", "string"),
         )
     return inputs
 

@@ -50,6 +50,9 @@ UNSAFE_METHODS = frozenset({"POST", "PATCH"})
 RESERVED_NAMES = frozenset({"vars", "inputs", "ENV", "each"})
 RETRY_ON = frozenset({"timeout", "connection", "5xx"})
 CaptureKind = Literal["pointer", "jsonpath", "regex", "header", "status"]
+InputType = Literal["string", "integer", "number", "boolean", "json"]
+INPUT_TYPES: tuple[InputType, ...] = ("string", "integer", "number", "boolean", "json")
+_NOT_JSON = object()
 
 
 class ChainError(OncelyError):
@@ -121,11 +124,38 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class Input:
-    """A declared input, given with ``--input name=value``."""
+    """A declared input, given with ``--input name=value``.
+
+    ``type``: how a value given as text (on the command line) is read: ``string`` (as it is),
+    ``integer``, ``number``, ``boolean`` (true/false) or ``json`` (any JSON value).
+    """
 
     required: bool = False
     secret: bool = False
     default: Any = None
+    type: InputType = "string"
+
+    def __post_init__(self) -> None:
+        if self.type not in INPUT_TYPES:
+            raise DefinitionError(f"input type {self.type!r} is not one of {list(INPUT_TYPES)}")
+
+    def read(self, name: str, value: Any) -> Any:
+        """``value`` as this input's type (text is converted; other values pass as they are)."""
+        if not isinstance(value, str) or self.type == "string":
+            return value
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = _NOT_JSON
+        ok = {
+            "integer": isinstance(parsed, int) and not isinstance(parsed, bool),
+            "number": isinstance(parsed, int | float) and not isinstance(parsed, bool),
+            "boolean": isinstance(parsed, bool),
+            "json": parsed is not _NOT_JSON,
+        }[self.type]
+        if not ok:
+            raise DefinitionError(f"input {name!r} must be of type {self.type}, not {value!r}")
+        return parsed
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,7 +129,7 @@ def _inputs(chain: Chain, given: Mapping[str, Any]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for name, spec in chain.inputs.items():
         if name in given:
-            values[name] = given[name]
+            values[name] = spec.read(name, given[name])
         elif spec.default is not None:
             values[name] = spec.default
         elif spec.required:
