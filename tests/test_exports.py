@@ -116,3 +116,18 @@ def test_import_oncely_does_not_import_the_client() -> None:
 
     code = "import sys, oncely; sys.exit('oncely.client' in sys.modules or 'httpx' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_the_client_without_httpx_says_which_extra_to_install() -> None:
+    """With no third-party package importable, oncely.client names oncely[client]."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(oncely.__file__).resolve().parents[1]
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import oncely.client"
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(src)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode != 0
+    assert "pip install 'oncely[client]'" in result.stderr

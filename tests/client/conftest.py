@@ -27,7 +27,7 @@ from .support import (
     FaultyTransport,
     Service,
     SyncClient,
-    start_service,
+    running_service,
 )
 
 MakeClient = Callable[..., Client]
@@ -36,21 +36,15 @@ MakeClient = Callable[..., Client]
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """One payments service for a module's tests (each test pays its own customers)."""
-    started = start_service(tmp_path_factory.mktemp("payments"))
-    try:
+    with running_service(tmp_path_factory.mktemp("payments")) as started:
         yield started
-    finally:
-        started.server.stop()
 
 
 @pytest.fixture(scope="module")
 def slow_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """A payments service whose card network takes 4 s: its first attempts stay in flight."""
-    started = start_service(tmp_path_factory.mktemp("slow-payments"), card_latency_ms=4000)
-    try:
+    with running_service(tmp_path_factory.mktemp("slow"), card_latency_ms=4000) as started:
         yield started
-    finally:
-        started.server.stop()
 
 
 @pytest.fixture(params=["sync", "async"])

@@ -103,11 +103,23 @@ class Faults:
         for thread in self.behind:
             thread.join(timeout=60)
 
+    def before(self, request: httpx.Request, action: Action, body: bytes) -> httpx.Response | None:
+        """What happens before the wire: a made-up answer, an error, or None (forward it)."""
+        self.bodies.append(body)
+        if isinstance(action, Answer):
+            return self.made_up(request, action)
+        if action == REFUSE:
+            raise httpx.ConnectError("connection refused", request=request)
+        if action == BEHIND:
+            self.send_behind(request, body)
+            raise httpx.ReadTimeout("timed out; the server is still at it", request=request)
+        return None
 
-def _lost(action: Action, request: httpx.Request) -> httpx.TransportError:
-    if action == LOSE:
-        return httpx.ReadError("connection reset after the request was sent", request=request)
-    return httpx.ReadTimeout("timed out waiting for the answer", request=request)
+    def lost(self, request: httpx.Request, action: Action) -> httpx.TransportError:
+        """The error of an answer lost on its way back."""
+        if action == LOSE:
+            return httpx.ReadError("connection reset after the request was sent", request=request)
+        return httpx.ReadTimeout("timed out waiting for the answer", request=request)
 
 
 class FaultyTransport(httpx.BaseTransport):
@@ -117,21 +129,15 @@ class FaultyTransport(httpx.BaseTransport):
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         action = self.faults.next(request)
-        body = request.read()
-        self.faults.bodies.append(body)
-        if isinstance(action, Answer):
-            return self.faults.made_up(request, action)
-        if action == REFUSE:
-            raise httpx.ConnectError("connection refused", request=request)
-        if action == BEHIND:
-            self.faults.send_behind(request, body)
-            raise httpx.ReadTimeout("timed out; the server is still at it", request=request)
+        made_up = self.faults.before(request, action, request.read())
+        if made_up is not None:
+            return made_up
         response = self.inner.handle_request(request)
         if action == PASS:
             return response
         response.read()
         response.close()
-        raise _lost(action, request)
+        raise self.faults.lost(request, action)
 
     def close(self) -> None:
         self.inner.close()
@@ -144,21 +150,15 @@ class AsyncFaultyTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         action = self.faults.next(request)
-        body = await request.aread()
-        self.faults.bodies.append(body)
-        if isinstance(action, Answer):
-            return self.faults.made_up(request, action)
-        if action == REFUSE:
-            raise httpx.ConnectError("connection refused", request=request)
-        if action == BEHIND:
-            self.faults.send_behind(request, body)
-            raise httpx.ReadTimeout("timed out; the server is still at it", request=request)
+        made_up = self.faults.before(request, action, await request.aread())
+        if made_up is not None:
+            return made_up
         response = await self.inner.handle_async_request(request)
         if action == PASS:
             return response
         await response.aread()
         await response.aclose()
-        raise _lost(action, request)
+        raise self.faults.lost(request, action)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -270,6 +270,16 @@ class Service:
                 return
             time.sleep(0.02)
         raise AssertionError(f"no {'settled ' if settled else ''}payment of {customer}")
+
+
+@contextlib.contextmanager
+def running_service(directory: Path, *, card_latency_ms: float = 0.0) -> Iterator[Service]:
+    """A payments service for the ``with`` block, stopped after it."""
+    started = start_service(directory, card_latency_ms=card_latency_ms)
+    try:
+        yield started
+    finally:
+        started.server.stop()
 
 
 def start_service(directory: Path, *, card_latency_ms: float = 0.0) -> Service:

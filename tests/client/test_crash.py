@@ -1,9 +1,10 @@
 """A client process killed with SIGKILL after sending and before the answer: restarted with
 the same operation name and journal, it sends the same key, and the ledger shows one payment.
 
-The payments service's card network takes 4 s, so the first attempt is still running on the
-server when its client dies. Waits are for real processes (a payment row to appear); nothing
-here times anything.
+The payments service's card network takes 6 s here, so the first attempt is still running on
+the server when its client dies, and still running when a restarted client (a new Python
+process, slow to start on a busy machine) sends it again. Waits are for real processes (a
+payment row to appear); nothing here times anything.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +23,15 @@ import pytest
 from oncely.client import KeyJournal
 
 from ..realserver.conftest import ROOT
-from .support import Service, new_customer
+from .support import Service, new_customer, running_service
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def slow_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with running_service(tmp_path_factory.mktemp("crash"), card_latency_ms=6000) as started:
+        yield started
 
 
 def payer(service: Service, journal: Path, name: str, customer: str) -> subprocess.Popen[str]:

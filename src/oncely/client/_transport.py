@@ -12,7 +12,7 @@ import os
 import random as _random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import Any, Never, assert_never
+from typing import Any, Generic, Never, TypeVar, assert_never
 
 import anyio.to_thread
 import httpx
@@ -58,88 +58,123 @@ _OPTIONS = (
 )
 
 
-def _settings(
-    owner: str,
-    *,
-    policy: RetryPolicy | None,
-    journal: KeyJournal | str | os.PathLike[str] | None,
-    derive_keys: str | bytes | None,
-    methods: Iterable[str],
-    header: str,
-    key_format: str,
-    max_body: int,
-    server_retention: float,
-    budget: RetryBudget | None,
-    on_retry: Callable[[RetryEvent], object] | None,
-    clock: Callable[[], float],
-    random: Callable[[], float],
-    wall_clock: Callable[[], float],
-    unknown: dict[str, object],
-) -> tuple[Settings, bool]:
-    """The checked settings, and whether the transport opened (and so closes) the journal."""
-    if unknown:
-        unknown_options(owner, unknown, _OPTIONS)
-    if policy is not None and not isinstance(policy, RetryPolicy):
-        raise ConfigurationError(f"{owner} policy must be a RetryPolicy, not {policy!r}")
-    if key_format not in KEY_FORMATS:
-        raise ConfigurationError(
-            f"{owner} key_format must be one of {', '.join(map(repr, KEY_FORMATS))}, "
-            f"not {key_format!r}"
-        )
-    if not isinstance(header, str) or not header or not header.isascii() or " " in header:
-        raise ConfigurationError(f"{owner} header must be a header name, not {header!r}")
-    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
-        raise ConfigurationError(f"{owner} max_body must be 0 or more bytes, not {max_body!r}")
-    if (
-        isinstance(server_retention, bool)
-        or not isinstance(server_retention, int | float)
-        or not server_retention > 0
-    ):
-        raise ConfigurationError(
-            f"{owner} server_retention must be a positive number of seconds, "
-            f"not {server_retention!r}"
-        )
-    if budget is not None and not isinstance(budget, RetryBudget):
-        raise ConfigurationError(f"{owner} budget must be a RetryBudget or None, not {budget!r}")
-    secret: bytes | None = None
-    if derive_keys is not None:
-        secret = derive_keys.encode() if isinstance(derive_keys, str) else derive_keys
-        if not isinstance(secret, bytes) or len(secret) < 16:
+InnerT = TypeVar("InnerT", httpx.BaseTransport, httpx.AsyncBaseTransport)
+SleepT = TypeVar("SleepT", Callable[[float], object], Callable[[float], Awaitable[object]])
+
+
+class _Configured(Generic[InnerT, SleepT]):
+    """The options both transports take, checked once; the subclasses only drive."""
+
+    _inner_type: type[InnerT]
+
+    def __init__(
+        self,
+        inner: InnerT | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        journal: KeyJournal | str | os.PathLike[str] | None = None,
+        derive_keys: str | bytes | None = None,
+        methods: Iterable[str] = ("POST", "PATCH"),
+        header: str = "Idempotency-Key",
+        key_format: str = "token",
+        max_body: int = MAX_BODY,
+        server_retention: float = SERVER_RETENTION,
+        budget: RetryBudget | None = SHARED_BUDGET,
+        on_retry: Callable[[RetryEvent], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: SleepT | None = None,
+        random: Callable[[], float] = _random.random,
+        wall_clock: Callable[[], float] = time.time,
+        **unknown: Never,
+    ) -> None:
+        owner = type(self).__name__
+        if unknown:
+            unknown_options(owner, unknown, _OPTIONS)
+        if inner is not None and not isinstance(inner, self._inner_type):
             raise ConfigurationError(
-                f"{owner} derive_keys must be a secret of 16 bytes or more (such as "
-                "secrets.token_hex(32)); anyone who knows it can compute the keys"
+                f"{owner} inner must be an {self._inner_type.__name__}, not {inner!r}"
             )
-    for name, value in (("on_retry", on_retry), ("clock", clock), ("random", random)):
-        if value is not None and not callable(value):
-            raise ConfigurationError(f"{owner} {name} must be callable, not {value!r}")
-    owned = journal is not None and not isinstance(journal, KeyJournal)
-    chosen: Journal
-    if journal is None:
-        chosen = MemoryJournal()
-    elif isinstance(journal, KeyJournal):
-        chosen = journal
-    elif isinstance(journal, str | os.PathLike):
-        chosen = KeyJournal(journal)
-    else:
-        raise ConfigurationError(
-            f"{owner} journal must be a KeyJournal or a file path, not {journal!r}"
+        if policy is not None and not isinstance(policy, RetryPolicy):
+            raise ConfigurationError(f"{owner} policy must be a RetryPolicy, not {policy!r}")
+        if key_format not in KEY_FORMATS:
+            raise ConfigurationError(
+                f"{owner} key_format must be one of {', '.join(map(repr, KEY_FORMATS))}, "
+                f"not {key_format!r}"
+            )
+        if not isinstance(header, str) or not header or not header.isascii() or " " in header:
+            raise ConfigurationError(f"{owner} header must be a header name, not {header!r}")
+        if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 0:
+            raise ConfigurationError(f"{owner} max_body must be 0 or more bytes, not {max_body!r}")
+        if (
+            isinstance(server_retention, bool)
+            or not isinstance(server_retention, int | float)
+            or not server_retention > 0
+        ):
+            raise ConfigurationError(
+                f"{owner} server_retention must be a positive number of seconds, "
+                f"not {server_retention!r}"
+            )
+        if budget is not None and not isinstance(budget, RetryBudget):
+            raise ConfigurationError(
+                f"{owner} budget must be a RetryBudget or None, not {budget!r}"
+            )
+        secret: bytes | None = None
+        if derive_keys is not None:
+            secret = derive_keys.encode() if isinstance(derive_keys, str) else derive_keys
+            if not isinstance(secret, bytes) or len(secret) < 16:
+                raise ConfigurationError(
+                    f"{owner} derive_keys must be a secret of 16 bytes or more (such as "
+                    "secrets.token_hex(32)); anyone who knows it can compute the keys"
+                )
+        for name, value in (
+            ("on_retry", on_retry),
+            ("clock", clock),
+            ("sleep", sleep),
+            ("random", random),
+            ("wall_clock", wall_clock),
+        ):
+            if value is not None and not callable(value):
+                raise ConfigurationError(f"{owner} {name} must be callable, not {value!r}")
+        chosen: Journal
+        if journal is None:
+            chosen = MemoryJournal()
+        elif isinstance(journal, KeyJournal):
+            chosen = journal
+        elif isinstance(journal, str | os.PathLike):
+            chosen = KeyJournal(journal)
+        else:
+            raise ConfigurationError(
+                f"{owner} journal must be a KeyJournal or a file path, not {journal!r}"
+            )
+        # A journal opened here from a path is closed with the transport.
+        self._owns_journal = chosen is not journal and journal is not None
+        self._settings = Settings(
+            policy=policy or RetryPolicy(),
+            methods=methods_of(f"{owner} methods", methods),
+            header=header,
+            key_format=key_format,
+            max_body=max_body,
+            server_retention=float(server_retention),
+            budget=budget,
+            journal=chosen,
+            derive_secret=secret,
+            on_retry=on_retry,
+            clock=clock,
+            random=random,
+            wall_clock=wall_clock,
         )
-    settings = Settings(
-        policy=policy or RetryPolicy(),
-        methods=methods_of(f"{owner} methods", methods),
-        header=header,
-        key_format=key_format,
-        max_body=max_body,
-        server_retention=float(server_retention),
-        budget=budget,
-        journal=chosen,
-        derive_secret=secret,
-        on_retry=on_retry,
-        clock=clock,
-        random=random,
-        wall_clock=wall_clock,
-    )
-    return settings, owned
+        self._inner: InnerT = inner if inner is not None else self._new_inner()
+        self._sleep: SleepT = sleep if sleep is not None else self._default_sleep()
+
+    def _new_inner(self) -> InnerT:
+        raise NotImplementedError
+
+    def _default_sleep(self) -> SleepT:
+        raise NotImplementedError
+
+    def _close_journal(self) -> None:
+        if self._owns_journal and isinstance(self._settings.journal, KeyJournal):
+            self._settings.journal.close()
 
 
 def _buffered(request: httpx.Request, chunks: list[bytes]) -> bytes:
@@ -222,7 +257,9 @@ async def _aread_body(request: httpx.Request, limit: int) -> bytes | None:
     return _buffered(request, chunks)
 
 
-class IdempotentTransport(httpx.BaseTransport):
+class IdempotentTransport(
+    _Configured[httpx.BaseTransport, Callable[[float], object]], httpx.BaseTransport
+):
     """An httpx transport that gives every POST and PATCH an Idempotency-Key, keeps it for
     every retry of the operation, and retries only what is safe to send again.
 
@@ -235,49 +272,13 @@ class IdempotentTransport(httpx.BaseTransport):
     answer's ``extensions["oncely"]`` is a :class:`Report`.
     """
 
-    def __init__(
-        self,
-        inner: httpx.BaseTransport | None = None,
-        *,
-        policy: RetryPolicy | None = None,
-        journal: KeyJournal | str | os.PathLike[str] | None = None,
-        derive_keys: str | bytes | None = None,
-        methods: Iterable[str] = ("POST", "PATCH"),
-        header: str = "Idempotency-Key",
-        key_format: str = "token",
-        max_body: int = MAX_BODY,
-        server_retention: float = SERVER_RETENTION,
-        budget: RetryBudget | None = SHARED_BUDGET,
-        on_retry: Callable[[RetryEvent], object] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], object] = time.sleep,
-        random: Callable[[], float] = _random.random,
-        wall_clock: Callable[[], float] = time.time,
-        **unknown: Never,
-    ) -> None:
-        if inner is not None and not isinstance(inner, httpx.BaseTransport):
-            raise ConfigurationError(
-                f"IdempotentTransport inner must be a sync httpx transport, not {inner!r}"
-            )
-        self._settings, self._owns_journal = _settings(
-            "IdempotentTransport",
-            policy=policy,
-            journal=journal,
-            derive_keys=derive_keys,
-            methods=methods,
-            header=header,
-            key_format=key_format,
-            max_body=max_body,
-            server_retention=server_retention,
-            budget=budget,
-            on_retry=on_retry,
-            clock=clock,
-            random=random,
-            wall_clock=wall_clock,
-            unknown=dict(unknown),
-        )
-        self._inner = inner if inner is not None else httpx.HTTPTransport()
-        self._sleep = sleep
+    _inner_type = httpx.BaseTransport
+
+    def _new_inner(self) -> httpx.BaseTransport:
+        return httpx.HTTPTransport()
+
+    def _default_sleep(self) -> Callable[[float], object]:
+        return time.sleep
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         options = request_options(request)
@@ -316,57 +317,23 @@ class IdempotentTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
-        if self._owns_journal and isinstance(self._settings.journal, KeyJournal):
-            self._settings.journal.close()
+        self._close_journal()
 
 
-class AsyncIdempotentTransport(httpx.AsyncBaseTransport):
+class AsyncIdempotentTransport(
+    _Configured[httpx.AsyncBaseTransport, Callable[[float], Awaitable[object]]],
+    httpx.AsyncBaseTransport,
+):
     """The async twin of :class:`IdempotentTransport`: the same options and decisions, with
     an async inner transport (default ``httpx.AsyncHTTPTransport()``) and an async ``sleep``."""
 
-    def __init__(
-        self,
-        inner: httpx.AsyncBaseTransport | None = None,
-        *,
-        policy: RetryPolicy | None = None,
-        journal: KeyJournal | str | os.PathLike[str] | None = None,
-        derive_keys: str | bytes | None = None,
-        methods: Iterable[str] = ("POST", "PATCH"),
-        header: str = "Idempotency-Key",
-        key_format: str = "token",
-        max_body: int = MAX_BODY,
-        server_retention: float = SERVER_RETENTION,
-        budget: RetryBudget | None = SHARED_BUDGET,
-        on_retry: Callable[[RetryEvent], object] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
-        random: Callable[[], float] = _random.random,
-        wall_clock: Callable[[], float] = time.time,
-        **unknown: Never,
-    ) -> None:
-        if inner is not None and not isinstance(inner, httpx.AsyncBaseTransport):
-            raise ConfigurationError(
-                f"AsyncIdempotentTransport inner must be an async httpx transport, not {inner!r}"
-            )
-        self._settings, self._owns_journal = _settings(
-            "AsyncIdempotentTransport",
-            policy=policy,
-            journal=journal,
-            derive_keys=derive_keys,
-            methods=methods,
-            header=header,
-            key_format=key_format,
-            max_body=max_body,
-            server_retention=server_retention,
-            budget=budget,
-            on_retry=on_retry,
-            clock=clock,
-            random=random,
-            wall_clock=wall_clock,
-            unknown=dict(unknown),
-        )
-        self._inner = inner if inner is not None else httpx.AsyncHTTPTransport()
-        self._sleep = sleep
+    _inner_type = httpx.AsyncBaseTransport
+
+    def _new_inner(self) -> httpx.AsyncBaseTransport:
+        return httpx.AsyncHTTPTransport()
+
+    def _default_sleep(self) -> Callable[[float], Awaitable[object]]:
+        return anyio.sleep
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         options = request_options(request)
@@ -405,8 +372,7 @@ class AsyncIdempotentTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
-        if self._owns_journal and isinstance(self._settings.journal, KeyJournal):
-            self._settings.journal.close()
+        self._close_journal()
 
 
 async def _off_loop(journal: Journal, method: Callable[..., Any], *args: Any) -> Any:
