@@ -4,6 +4,7 @@ oncely migrate --store postgresql://127.0.0.1:5432/app   # create tables and ind
 oncely purge --store sqlite:oncely.db                    # delete records past retention
 oncely inspect --store URL --scope TENANT --key KEY      # show one key's record
 oncely serve [service flags]                             # the reference payments service
+oncely chain run|resume|show|list ...                    # API chains (oncely[chains])
 """
 
 from __future__ import annotations
@@ -115,11 +116,29 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--key", required=True, help="the Idempotency-Key value")
             cmd.add_argument("--namespace", default="", help="the middleware's namespace")
     sub.add_parser(
+        "chain",
+        help="run API chains once, resume them (flags: oncely chain --help)",
+        add_help=False,
+    )
+    sub.add_parser(
         "serve",
         help="run the reference payments service (flags: oncely serve --help)",
         add_help=False,
     )
     return parser
+
+
+def _chain(argv: list[str]) -> int:
+    try:
+        chains = importlib.import_module("oncely.chains.cli")
+    except ImportError as exc:
+        print(
+            f"oncely chain needs the chains extra ({exc}): pip install 'oncely[chains]'",
+            file=sys.stderr,
+        )
+        return 2
+    result: int = chains.main(argv)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         result: int = service.main(args_list[1:])
         return result
+    if args_list[:1] == ["chain"]:
+        return _chain(args_list[1:])
     args = _parser().parse_args(args_list)
     try:
         print(asyncio.run(_with_store(args.store, args.command, args)))

@@ -7,9 +7,10 @@ Layers, outermost first:
 1. :class:`Service`: every request but ``/health`` and the docs needs ``Authorization: Bearer
    <api key>``; any non-empty key names a tenant (a real deployment plugs in its own
    authentication). Without one: 401, before anything else runs.
-2. oncely's ``IdempotencyMiddleware``, scoped by tenant: ``POST /payments`` and ``POST /orders``
-   require an ``Idempotency-Key`` (400 without); ``PATCH /orders/{id}`` is protected when it
-   carries one. Two tenants' identical keys never meet.
+2. oncely's ``IdempotencyMiddleware``, scoped by tenant: ``POST /payments``, ``POST /orders``
+   and ``POST /orders/{id}/pay`` require an ``Idempotency-Key`` (400 without);
+   ``PATCH /orders/{id}`` and ``PUT /orders/{id}`` are protected when they carry one.
+   Two tenants' identical keys never meet.
 3. The FastAPI app: validation (422 before any side effect), then the handlers, which move the
    key forward in the ledger's own transactions (see ledger.py).
 """
@@ -23,6 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
@@ -44,13 +46,14 @@ from oncely.asgi import IdempotencyMiddleware
 
 from . import ledger
 from .card_network import CardNetwork, CardNetworkUnavailable
-from .database import Database, PostgresDatabase, SQLiteDatabase
+from .database import Database, PostgresDatabase, SQLiteDatabase, Work
 from .faults import Faults
 from .models import (
     Answer,
     Order,
     OrderIn,
     OrderPatch,
+    OrderReplace,
     Payment,
     PaymentIn,
     items_of,
@@ -189,6 +192,28 @@ def _taken_over() -> Response:
     ).response()
 
 
+IfMatch = Annotated[
+    str | None,
+    Header(
+        alias="If-Match",
+        description="Required: the ETag of the order as you last read it (412 if it "
+        "has changed since, 428 if missing).",
+    ),
+]
+
+
+def _required_if_match(if_match: str | None) -> str:
+    if if_match is None:
+        raise ApiProblem(
+            428,
+            "precondition-required",
+            "If-Match required",
+            "Send the order's ETag as If-Match, so a change made since you read it is "
+            "never overwritten. GET the order to learn its ETag.",
+        )
+    return if_match
+
+
 def _optional_attempt() -> Attempt | None:
     return current_attempt(required=False)
 
@@ -208,24 +233,47 @@ class Handlers:
         self, payment: PaymentIn, tenant: Tenant, idempotency_key: IdempotencyKey
     ) -> Response:
         """Charge a customer's card, exactly once per Idempotency-Key."""
+        pending = Payment(
+            _new_id("pay"), payment.amount, payment.currency, payment.customer, "pending"
+        )
+        return await self._charge_once(
+            ledger.create_payment(current_attempt(), tenant, pending, _now())
+        )
+
+    async def pay_order(
+        self, order_id: str, tenant: Tenant, idempotency_key: IdempotencyKey
+    ) -> Response:
+        """Pay an open order's total, exactly once: one payment, and the order marked paid."""
+        attempt = current_attempt()
+        return await self._charge_once(
+            ledger.start_order_payment(attempt, tenant, order_id, _new_id("pay"), _now()),
+            order=order_id,
+        )
+
+    async def _charge_once(self, phase_1: Work[None], order: str | None = None) -> Response:
+        """Phase 1 (``phase_1``: the pending payment), the charge, phase 2; resumable."""
         attempt = current_attempt()
         try:
             if not attempt.done(ledger.PAYMENT_CREATED):
-                pending = Payment(
-                    _new_id("pay"), payment.amount, payment.currency, payment.customer, "pending"
-                )
-                await self.db.write(
-                    ledger.create_payment(attempt, tenant, pending, _now()),
-                    before_commit=self._before_first_commit,
-                )
-            # A resumed attempt reuses the payment its first phase created.
-            payment_id = str(attempt.data(ledger.PAYMENT_CREATED)["id"])
+                await self.db.write(phase_1, before_commit=self._before_first_commit)
+            else:
+                phase_1.close()
+            # A resumed attempt reuses the payment its first phase created, and charges it.
+            created = attempt.data(ledger.PAYMENT_CREATED)
+            pending = Payment(
+                str(created["id"]),
+                int(created["amount"]),
+                str(created["currency"]),
+                str(created["customer"]),
+                "pending",
+                order,
+            )
             try:
                 charge = await self.network.charge(
                     attempt.downstream_key("charge"),
-                    amount=payment.amount,
-                    currency=payment.currency,
-                    customer=payment.customer,
+                    amount=pending.amount,
+                    currency=pending.currency,
+                    customer=pending.customer,
                 )
             except CardNetworkUnavailable as exc:
                 # 5xx: oncely releases the key and keeps the recovery point; a retry resumes
@@ -239,10 +287,7 @@ class Handlers:
                     headers=[("retry-after", "1")],
                 ).response()
             self.faults.reach("during_charge")
-            status = "succeeded" if charge.approved else "failed"
-            settled = Payment(
-                payment_id, payment.amount, payment.currency, payment.customer, status
-            )
+            settled = replace(pending, status="succeeded" if charge.approved else "failed")
             answer = payment_answer(settled)
             await self.db.write(ledger.settle_payment(attempt, settled, charge.id, answer, _now()))
         except LeaseLost:
@@ -331,37 +376,44 @@ class Handlers:
         order_id: str,
         patch: OrderPatch,
         tenant: Tenant,
-        if_match: Annotated[
-            str | None,
-            Header(
-                alias="If-Match",
-                description="Required: the ETag of the order as you last read it (412 if it "
-                "has changed since, 428 if missing).",
-            ),
-        ] = None,
+        if_match: IfMatch = None,
         idempotency_key: OptionalIdempotencyKey = None,
     ) -> Response:
         """Change an order, if it is still the version you read (If-Match)."""
-        if if_match is None:
-            raise ApiProblem(
-                428,
-                "precondition-required",
-                "If-Match required",
-                "Send the order's ETag as If-Match, so a change made since you read it is "
-                "never overwritten. GET the order to learn its ETag.",
-            )
+        work = ledger.update_order(
+            tenant,
+            order_id,
+            patch,
+            if_match=_required_if_match(if_match),
+            now=_now(),
+            render=order_answer,
+            attempt=_optional_attempt(),
+        )
+        return await self._write_order(work)
+
+    async def replace_order(
+        self,
+        order_id: str,
+        order: OrderReplace,
+        tenant: Tenant,
+        if_match: IfMatch = None,
+        idempotency_key: OptionalIdempotencyKey = None,
+    ) -> Response:
+        """Replace an open order's content, if it is still the version you read (If-Match)."""
+        work = ledger.replace_order(
+            tenant,
+            order_id,
+            order,
+            if_match=_required_if_match(if_match),
+            now=_now(),
+            render=order_answer,
+            attempt=_optional_attempt(),
+        )
+        return await self._write_order(work)
+
+    async def _write_order(self, work: Work[Answer]) -> Response:
         try:
-            answer = await self.db.write(
-                ledger.update_order(
-                    tenant,
-                    order_id,
-                    patch,
-                    if_match=if_match,
-                    now=_now(),
-                    render=order_answer,
-                    attempt=_optional_attempt(),
-                )
-            )
+            answer = await self.db.write(work)
         except LeaseLost:
             return _taken_over()
         return _respond(answer)
@@ -457,6 +509,26 @@ def _build_api(handlers: Handlers, lifespan: Any) -> FastAPI:
     )
     api.add_api_route(
         "/orders/{order_id}",
+        h.replace_order,
+        methods=["PUT"],
+        tags=["orders"],
+        responses={**errors, 412: _PROBLEM, 428: _PROBLEM},
+    )
+    api.add_api_route(
+        "/orders/{order_id}/pay",
+        h.pay_order,
+        methods=["POST"],
+        status_code=201,
+        tags=["orders"],
+        responses={
+            **errors,
+            201: {"description": "the payment, status succeeded; the order is paid"},
+            402: {**_PROBLEM, "description": "declined: a problem with the failed payment"},
+            503: {**_PROBLEM, "description": "the card network failed: retry, same key"},
+        },
+    )
+    api.add_api_route(
+        "/orders/{order_id}",
         h.delete_order,
         methods=["DELETE"],
         status_code=204,
@@ -548,7 +620,10 @@ def create_app(settings: Settings) -> Service:
         scope=_scope,
         store=store,
         methods=("POST", "PATCH"),
-        routes=[Route("/orders/{order_id}", methods=["PATCH"], required=False)],
+        routes=[
+            Route("/orders/{order_id}", methods=["PATCH", "PUT"], required=False),
+            Route("/orders/{order_id}/pay", methods=["POST"]),
+        ],
         ttl=settings.ttl,
         lease=settings.lease,
         retry_after=1.0,

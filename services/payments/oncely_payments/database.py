@@ -157,7 +157,12 @@ class SQLiteDatabase:
         conn = self._connect()
         try:
             for statement in schema:
-                conn.execute(statement)
+                try:
+                    conn.execute(statement)
+                except sqlite3.OperationalError as exc:
+                    # SQLite has no ADD COLUMN IF NOT EXISTS: a column already added is fine.
+                    if "duplicate column name" not in str(exc):
+                        raise
         finally:
             conn.close()
 

@@ -2,8 +2,10 @@
 
 Tables (the same columns in SQLite and PostgreSQL):
 
-    payments  seq, id, tenant, customer, amount, currency, status, charge_id, created, updated
+    payments  seq, id, tenant, customer, amount, currency, status, charge_id, order_id,
+              created, updated
               status: pending (phase 1 committed) -> succeeded | failed (phase 2 committed)
+              order_id: the order it pays (POST /orders/{id}/pay), else NULL
     orders    seq, id, tenant, customer, currency, items (JSON), status, note, payment,
               version, created, updated, deleted
 
@@ -16,6 +18,12 @@ runs inside one transaction. The two phases of a payment:
     phase 1   INSERT payment 'pending'            + attempt.record("payment_created", {"id"})
     (between) the card network, with attempt.downstream_key("charge")
     phase 2   UPDATE payment succeeded | failed   + attempt.complete(status, headers, body)
+
+Paying an order (``POST /orders/{id}/pay``) is the same two phases: phase 1 also checks, with the
+order's row locked, that the order is open and has no payment under way, and takes the amount,
+currency and customer from it; phase 2 also marks the order paid when the charge succeeded.
+While a payment of an order is pending, the order cannot change (409), so the total charged is
+the total of the order that phase 2 marks paid.
 """
 
 from __future__ import annotations
@@ -26,12 +34,14 @@ from typing import Any
 
 from oncely import Attempt
 
+from . import models
 from .database import CompleteAttempt, RecordPhase, Row, Work, execute, query
 from .models import (
     Answer,
     Item,
     Order,
     OrderPatch,
+    OrderReplace,
     Payment,
     apply_patch,
     if_match_allows,
@@ -47,8 +57,11 @@ __all__ = [
     "get_payment",
     "list_orders",
     "list_payments",
+    "order_not_found",
+    "replace_order",
     "schema",
     "settle_payment",
+    "start_order_payment",
     "update_order",
 ]
 
@@ -66,7 +79,8 @@ _SQLITE_SCHEMA = (
         status    TEXT NOT NULL,
         charge_id TEXT,
         created   INTEGER NOT NULL,
-        updated   INTEGER NOT NULL
+        updated   INTEGER NOT NULL,
+        order_id  TEXT
     )""",
     """CREATE TABLE IF NOT EXISTS orders (
         seq       INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -92,7 +106,13 @@ _POSTGRES_SCHEMA = tuple(
     for statement in _SQLITE_SCHEMA
 )
 
+# A ledger created before payments could pay an order gains the column (SQLiteDatabase skips
+# the statement when the column is there already).
+_SQLITE_MIGRATIONS = ("ALTER TABLE payments ADD COLUMN order_id TEXT",)
+_POSTGRES_MIGRATIONS = ("ALTER TABLE payments ADD COLUMN IF NOT EXISTS order_id TEXT",)
+
 _INDEXES = (
+    "CREATE INDEX IF NOT EXISTS payments_by_order ON payments (tenant, order_id, status)",
     "CREATE INDEX IF NOT EXISTS payments_by_tenant ON payments (tenant, seq)",
     "CREATE INDEX IF NOT EXISTS payments_by_customer ON payments (tenant, customer, seq)",
     "CREATE INDEX IF NOT EXISTS orders_by_tenant ON orders (tenant, seq)",
@@ -107,39 +127,48 @@ def schema(dialect: str, namespace: str = "public") -> tuple[str, ...]:
     connections put first on their ``search_path``.
     """
     if dialect == "sqlite":
-        return _SQLITE_SCHEMA + _INDEXES
-    return (f'CREATE SCHEMA IF NOT EXISTS "{namespace}"', *_POSTGRES_SCHEMA, *_INDEXES)
+        return _SQLITE_SCHEMA + _SQLITE_MIGRATIONS + _INDEXES
+    return (
+        f'CREATE SCHEMA IF NOT EXISTS "{namespace}"',
+        *_POSTGRES_SCHEMA,
+        *_POSTGRES_MIGRATIONS,
+        *_INDEXES,
+    )
 
 
 # Payments ---------------------------------------------------------------------------------
 
-_PAYMENT_COLUMNS = "id, amount, currency, customer, status"
+_PAYMENT_COLUMNS = "id, amount, currency, customer, status, order_id"
 
 
 def _payment(row: Row) -> Payment:
-    return Payment(str(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4]))
+    order = None if row[5] is None else str(row[5])
+    return Payment(str(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4]), order)
 
 
 def create_payment(attempt: Attempt, tenant: str, payment: Payment, now: int) -> Work[None]:
-    """Phase 1: the payment, pending, and the recovery point that names it."""
+    """Phase 1: the payment, pending, and the recovery point that names it (and what to charge)."""
     yield from execute(
-        "INSERT INTO payments (id, tenant, customer, amount, currency, status, created, updated) "
-        "VALUES (%(id)s, %(tenant)s, %(customer)s, %(amount)s, %(currency)s, 'pending', "
-        "%(now)s, %(now)s)",
+        "INSERT INTO payments (id, tenant, customer, amount, currency, status, order_id, "
+        "created, updated) VALUES (%(id)s, %(tenant)s, %(customer)s, %(amount)s, %(currency)s, "
+        "'pending', %(order)s, %(now)s, %(now)s)",
         id=payment.id,
         tenant=tenant,
         customer=payment.customer,
         amount=payment.amount,
         currency=payment.currency,
+        order=payment.order,
         now=now,
     )
-    yield RecordPhase(attempt, PAYMENT_CREATED, {"id": payment.id})
+    data = {"id": payment.id, "amount": payment.amount, "currency": payment.currency}
+    yield RecordPhase(attempt, PAYMENT_CREATED, {**data, "customer": payment.customer})
 
 
 def settle_payment(
     attempt: Attempt, payment: Payment, charge_id: str, answer: Answer, now: int
 ) -> Work[None]:
-    """Phase 2: the payment's final status and the response, committed together."""
+    """Phase 2: the payment's final status and the response, committed together; a succeeded
+    payment of an order marks the order paid in the same transaction."""
     # The response first: a request whose lease was taken over stops here (LeaseLost).
     yield CompleteAttempt(attempt, answer.status, answer.headers, answer.body)
     changed = yield from execute(
@@ -152,6 +181,53 @@ def settle_payment(
     )
     if changed != 1:
         raise RuntimeError(f"payment {payment.id} is no longer pending")
+    if payment.order is None or payment.status != "succeeded":
+        return
+    # The order cannot change while its payment is pending (see _refuse_if_paying).
+    paid = yield from execute(
+        "UPDATE orders SET status = 'paid', payment = %(payment)s, version = version + 1, "
+        "updated = %(now)s WHERE id = %(id)s AND status = 'open' AND deleted IS NULL",
+        payment=payment.id,
+        now=now,
+        id=payment.order,
+    )
+    if paid != 1:
+        raise RuntimeError(f"order {payment.order} is no longer open")
+
+
+def start_order_payment(
+    attempt: Attempt, tenant: str, order_id: str, payment_id: str, now: int
+) -> Work[None]:
+    """Phase 1 of paying an order: check it can be paid, then create its payment, pending."""
+    # Lock the order's row first (PostgreSQL; SQLite writers are serial): a concurrent payment
+    # of the same order under another key waits here, then sees this one's pending payment.
+    yield from execute(
+        "UPDATE orders SET version = version WHERE tenant = %(tenant)s AND id = %(id)s "
+        "AND deleted IS NULL",
+        tenant=tenant,
+        id=order_id,
+    )
+    order = _found((yield from get_order(tenant, order_id)), order_id)
+    if order.payment is not None:
+        raise ApiProblem(
+            409,
+            "order-already-paid",
+            "The order is already paid",
+            f"Order {order_id} was paid by payment {order.payment}; it is not charged again. "
+            "A retry of that payment must send its own Idempotency-Key, which replays its answer.",
+            extensions={"current_status": order.status, "payment": order.payment},
+        )
+    if order.status != "open":
+        raise ApiProblem(
+            409,
+            "order-state-conflict",
+            "The order's status does not allow this change",
+            f"Only an open order can be paid; order {order_id} is {order.status}.",
+            extensions={"current_status": order.status},
+        )
+    yield from _refuse_if_paying(tenant, order_id)
+    payment = Payment(payment_id, order.amount, order.currency, order.customer, "pending", order.id)
+    yield from create_payment(attempt, tenant, payment, now)
 
 
 def get_payment(tenant: str, payment_id: str) -> Work[Payment | None]:
@@ -308,6 +384,69 @@ def _found(order: Order | None, order_id: str) -> Order:
     return order
 
 
+def _refuse_if_paying(tenant: str, order_id: str) -> Work[None]:
+    """409 while a payment of the order is pending: it must not change under its charge."""
+    paying = yield from query(
+        "SELECT id FROM payments WHERE tenant = %(tenant)s AND order_id = %(order)s "
+        "AND status = 'pending'",
+        tenant=tenant,
+        order=order_id,
+    )
+    if paying:
+        raise ApiProblem(
+            409,
+            "order-payment-pending",
+            "A payment of this order is under way",
+            f"Payment {paying[0][0]} of order {order_id} has not finished; the order cannot "
+            "change until it does. Retry that payment with its own Idempotency-Key, then GET "
+            "the order.",
+            extensions={"payment": str(paying[0][0])},
+            headers=[("retry-after", "1")],
+        )
+
+
+def _save_order(
+    tenant: str,
+    order: Order,
+    changed: Order,
+    render: Callable[[Order], Answer],
+    attempt: Attempt | None,
+) -> Work[Answer]:
+    """Write ``changed`` over ``order`` (the version read) and the response, together."""
+    answer = render(changed)
+    if attempt is not None:
+        yield CompleteAttempt(attempt, answer.status, answer.headers, answer.body)
+    count = yield from execute(
+        "UPDATE orders SET customer = %(customer)s, currency = %(currency)s, items = %(items)s, "
+        "status = %(status)s, note = %(note)s, payment = %(payment)s, version = %(version)s, "
+        "updated = %(updated)s "
+        "WHERE tenant = %(tenant)s AND id = %(id)s AND version = %(old)s AND deleted IS NULL",
+        customer=changed.customer,
+        currency=changed.currency,
+        items=_items(changed),
+        status=changed.status,
+        note=changed.note,
+        payment=changed.payment,
+        version=changed.version,
+        updated=changed.updated,
+        tenant=tenant,
+        id=order.id,
+        old=order.version,
+    )
+    if count != 1:
+        raise _precondition_failed(order)
+    return answer
+
+
+def _current(tenant: str, order_id: str, if_match: str) -> Work[Order]:
+    """The order, if ``if_match`` names its current version (404, 412) and it is not paying."""
+    order = _found((yield from get_order(tenant, order_id)), order_id)
+    if not if_match_allows(if_match, order.etag):
+        raise _precondition_failed(order)
+    yield from _refuse_if_paying(tenant, order_id)
+    return order
+
+
 def update_order(
     tenant: str,
     order_id: str,
@@ -319,9 +458,7 @@ def update_order(
     attempt: Attempt | None,
 ) -> Work[Answer]:
     """Apply ``patch`` if ``if_match`` still names the order's current version."""
-    order = _found((yield from get_order(tenant, order_id)), order_id)
-    if not if_match_allows(if_match, order.etag):
-        raise _precondition_failed(order)
+    order = yield from _current(tenant, order_id, if_match)
     payment = None
     if patch.payment is not None:
         payment = yield from get_payment(tenant, patch.payment)
@@ -336,26 +473,23 @@ def update_order(
                 [{"field": "payment", "in": "body", "message": f"it pays order {taken[0][0]}"}]
             )
     changed = apply_patch(order, patch, payment, now)
-    answer = render(changed)
-    if attempt is not None:
-        yield CompleteAttempt(attempt, answer.status, answer.headers, answer.body)
-    count = yield from execute(
-        "UPDATE orders SET items = %(items)s, status = %(status)s, note = %(note)s, "
-        "payment = %(payment)s, version = %(version)s, updated = %(updated)s "
-        "WHERE tenant = %(tenant)s AND id = %(id)s AND version = %(old)s AND deleted IS NULL",
-        items=_items(changed),
-        status=changed.status,
-        note=changed.note,
-        payment=changed.payment,
-        version=changed.version,
-        updated=changed.updated,
-        tenant=tenant,
-        id=order_id,
-        old=order.version,
-    )
-    if count != 1:
-        raise _precondition_failed(order)
-    return answer
+    return (yield from _save_order(tenant, order, changed, render, attempt))
+
+
+def replace_order(
+    tenant: str,
+    order_id: str,
+    new: OrderReplace,
+    *,
+    if_match: str,
+    now: int,
+    render: Callable[[Order], Answer],
+    attempt: Attempt | None,
+) -> Work[Answer]:
+    """Replace the open order's content if ``if_match`` still names its current version."""
+    order = yield from _current(tenant, order_id, if_match)
+    changed = models.replace_order(order, new, now)
+    return (yield from _save_order(tenant, order, changed, render, attempt))
 
 
 def delete_order(tenant: str, order_id: str, *, if_match: str | None, now: int) -> Work[None]:
@@ -363,6 +497,7 @@ def delete_order(tenant: str, order_id: str, *, if_match: str | None, now: int) 
     order = _found((yield from get_order(tenant, order_id)), order_id)
     if if_match is not None and not if_match_allows(if_match, order.etag):
         raise _precondition_failed(order)
+    yield from _refuse_if_paying(tenant, order_id)
     count = yield from execute(
         "UPDATE orders SET deleted = %(now)s, version = version + 1, updated = %(now)s "
         "WHERE tenant = %(tenant)s AND id = %(id)s AND version = %(old)s AND deleted IS NULL",

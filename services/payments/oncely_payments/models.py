@@ -24,11 +24,13 @@ __all__ = [
     "Order",
     "OrderIn",
     "OrderPatch",
+    "OrderReplace",
     "Payment",
     "PaymentIn",
     "apply_patch",
     "if_match_allows",
     "items_of",
+    "replace_order",
 ]
 
 # Minor units; the largest amount one payment or order may carry.
@@ -94,6 +96,14 @@ class OrderIn(_Strict):
         return self
 
 
+class OrderReplace(OrderIn):
+    """``PUT /orders/{id}``: the order's whole new content (customer, currency, items, note).
+
+    A field left out takes its default (``note``: none); status and payment change only through
+    ``PATCH`` and ``POST /orders/{id}/pay``. Only an open order can be replaced.
+    """
+
+
 class OrderPatch(_Strict):
     """``PATCH /orders/{id}``: the fields to change; at least one.
 
@@ -130,15 +140,20 @@ class Payment:
     currency: str
     customer: str
     status: str  # pending | succeeded | failed
+    order: str | None = None  # the order it pays (POST /orders/{id}/pay)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "id": self.id,
             "amount": self.amount,
             "currency": self.currency,
             "customer": self.customer,
             "status": self.status,
         }
+        # Only a payment made for an order names it: POST /payments answers as before.
+        if self.order is not None:
+            body["order"] = self.order
+        return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +250,28 @@ def apply_patch(order: Order, patch: OrderPatch, payment: Payment | None, now: i
     if "note" in patch.model_fields_set:
         changed = replace(changed, note=patch.note)
     return replace(changed, version=order.version + 1, updated=now)
+
+
+def replace_order(order: Order, new: OrderReplace, now: int) -> Order:
+    """The order with ``new``'s content; 409 unless it is still open."""
+    if order.status != "open":
+        raise ApiProblem(
+            409,
+            "order-state-conflict",
+            "Only an open order can be replaced",
+            f"PUT replaces an order while it is open; it is {order.status}. PATCH changes "
+            "its note or status.",
+            extensions={"current_status": order.status},
+        )
+    return replace(
+        order,
+        customer=new.customer,
+        currency=new.currency,
+        items=items_of(new.items),
+        note=new.note,
+        version=order.version + 1,
+        updated=now,
+    )
 
 
 def _check_payment(order: Order, name: str | None, payment: Payment | None) -> None:
