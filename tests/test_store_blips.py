@@ -177,21 +177,46 @@ async def test_an_outage_past_store_timeout_answers_the_client_and_the_write_lan
 
 
 async def test_renewals_that_get_through_extend_the_time_a_completion_is_retried() -> None:
-    """Only the completion fails, for longer than the lease: the renewals that get through
-    keep the key, so the write is still tried, and lands, past the first lease's end."""
+    """The app used most of its lease (0.5 of 0.6 s) and then only the completion fails, for
+    longer than what was left of the lease: the renewals that get through keep the key, so the
+    write is still tried, and lands, past the first lease's end."""
     store = FlakyStore()
     store.down.add("complete")
-    async with serving(store, store_timeout=0.05, lease=0.6) as (client, api, mw):
+    api = Api(delay=0.5)
+    mw = IdempotencyMiddleware(api.app(), store=store, scope=TENANT, store_timeout=0.05, lease=0.6)
+    transport = httpx.ASGITransport(app=mw)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         key = new_key()
+        started = time.monotonic()
         first = await client.post("/payments", json=PAYMENT, headers=headers(key))
-        await asyncio.sleep(1.5)  # past two leases: only renewals kept the key
+        await asyncio.sleep(max(0.0, started + 0.9 - time.monotonic()))  # past the first lease
         store.down.clear()
         await until(lambda: len(mw.writes) == 0)
         again = await client.post("/payments", json=PAYMENT, headers=headers(key))
+    await mw.aclose()
     assert first.status_code == 201
     assert store.calls["renew"] >= 3
     assert replayed(again)
     assert api.runs["/payments"] == 1
+
+
+async def test_a_store_that_renews_but_keeps_refusing_the_write_is_given_up_after_a_lease(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Renewals get through, the completion never does (a value the store will not take): the
+    retries end after one lease, so the key is not held for ever."""
+    caplog.set_level(logging.WARNING, logger="oncely")
+    store = FlakyStore()
+    store.down.add("complete")
+    async with serving(store, store_timeout=0.05, lease=0.5) as (client, _api, mw):
+        first = await client.post("/payments", json=PAYMENT, headers=headers(new_key()))
+        started = time.monotonic()
+        await asyncio.wait_for(mw.drain(), 5)
+        waited = time.monotonic() - started
+    assert first.status_code == 201
+    assert waited < 1.5
+    assert store.calls["renew"] >= 1
+    assert "abandoned the completion of key" in caplog.text
 
 
 async def test_the_outcome_is_abandoned_when_the_lease_ends_and_said_so(

@@ -105,17 +105,21 @@ async def write_while_owned(
     """
     delay = WRITE_RETRY_FIRST
     tries, started = 0, time.monotonic()
+    # Renewals that get through extend the lease, but a store that answers renewals and keeps
+    # refusing this write (a value it will never take) must not hold the key for ever: retries
+    # last one lease at most from the first failure.
+    give_up_at = started + lease.duration
     while True:
         if error is not None:
             if lease.lost:
                 log.error("oncely: abandoned the %s of key %s: its lease was lost", what, key)
                 return False
-            left = lease.left()
+            left = min(lease.left(), give_up_at - time.monotonic())
             if left <= LEASE_END_MARGIN:
                 log.error(
                     "oncely: abandoned the %s of key %s after %d tries in %.1f s: the lease "
-                    "ends and the store is still unavailable (%s); a retry after the lease will "
-                    "run the request again",
+                    "ends (or a lease's worth of retries is spent) and the store still fails "
+                    "(%s); a retry after the lease will run the request again",
                     what,
                     key,
                     tries,
