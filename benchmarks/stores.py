@@ -23,7 +23,7 @@ import statistics
 import time
 from typing import Any
 
-from oncely import Claimed, StoredResponse, open_store
+from oncely import Claimed, StoredResponse, open_async_store
 
 RESPONSE = StoredResponse(
     status=201,
@@ -59,7 +59,7 @@ def _summary(samples: list[float], seconds: float) -> dict[str, float]:
 
 
 async def _bench(url: str, options: dict[str, Any], seconds: float, concurrency: int) -> dict:
-    store = open_store(url, **options)
+    store = open_async_store(url, **options)
     run = secrets.token_hex(4)
     claims: list[float] = []
     completes: list[float] = []

@@ -36,7 +36,7 @@ import pytest
 from oncely import Record
 from oncely.stores import AsyncStore
 from oncely.stores import redis as redis_scripts
-from oncely.stores.postgres import PostgresStore
+from oncely.stores.postgres import AsyncPostgresStore
 
 from ..stores import backend_postgres, backend_redis
 from .proxy import StoreProxy
@@ -329,7 +329,7 @@ async def shared_store(
     if request.param == "postgres":
         await backend_postgres.require_server()
         schema = backend_postgres.new_schema()
-        store = PostgresStore(backend_postgres.URL, schema=schema, max_size=2)
+        store = AsyncPostgresStore(backend_postgres.URL, schema=schema, max_size=2)
         try:
             yield SharedStore("postgres", backend_postgres.URL, {"schema": schema}, store)
         finally:

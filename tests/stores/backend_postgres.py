@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from oncely.stores.postgres import PostgresStore
+from oncely.stores.postgres import AsyncPostgresStore
 
 from ..conftest import service_missing
 
@@ -59,8 +59,8 @@ async def scratch_schema() -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def postgres_store(schema: str, **options: Any) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore.from_url(URL, schema=schema, **options)
+async def postgres_store(schema: str, **options: Any) -> AsyncIterator[AsyncPostgresStore]:
+    store = AsyncPostgresStore.from_url(URL, schema=schema, **options)
     try:
         yield store
     finally:

@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from oncely.stores.redis import RedisStore
+from oncely.stores.redis import AsyncRedisStore
 
 from ..conftest import service_missing
 
@@ -35,7 +35,7 @@ async def delete_prefix(client: redis.asyncio.Redis | RedisCluster, prefix: str)
         await client.delete(*names[start : start + 500])
 
 
-async def redis_store(prefix: str | None = None) -> RedisStore:
+async def redis_store(prefix: str | None = None) -> AsyncRedisStore:
     """A store on the test server with a fresh prefix; skips (fails under CI) without a server."""
     scheme, _, rest = REDIS_URL.partition("://")
     probe = redis.asyncio.Redis.from_url(
@@ -52,7 +52,7 @@ async def redis_store(prefix: str | None = None) -> RedisStore:
     finally:
         await probe.aclose()
     prefix = prefix or f"oncely-test:{secrets.token_hex(8)}:"
-    return RedisStore.from_url(REDIS_URL, prefix=prefix)
+    return AsyncRedisStore.from_url(REDIS_URL, prefix=prefix)
 
 
 async def redis_backend(tmp_path: Path) -> AsyncIterator[Backend]:

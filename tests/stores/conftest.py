@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from oncely.stores import AsyncStore
-from oncely.stores.memory import MemoryStore
-from oncely.stores.sqlite import SQLiteStore
+from oncely.stores.memory import AsyncMemoryStore
+from oncely.stores.sqlite import AsyncSQLiteStore
 
 from ..conftest import Clock
 from .backend_postgres import postgres_backend
@@ -32,12 +32,12 @@ class Backend:
 
 async def _memory(tmp_path: Path) -> AsyncIterator[Backend]:
     clock = Clock()
-    yield Backend("memory", MemoryStore(clock=clock), clock.advance)
+    yield Backend("memory", AsyncMemoryStore(clock=clock), clock.advance)
 
 
 async def _sqlite(tmp_path: Path) -> AsyncIterator[Backend]:
     clock = Clock()
-    store = SQLiteStore(tmp_path / "contract.db", clock=clock)
+    store = AsyncSQLiteStore(tmp_path / "contract.db", clock=clock)
     try:
         yield Backend("sqlite", store, clock.advance)
     finally:

@@ -86,7 +86,7 @@ from .._codec import (
 from .._errors import ConfigurationError, StoreUnavailable
 from ._rules import ABANDONED_RETENTION, new_token
 
-__all__ = ["CLAIM_TRIES", "PURGE_BATCH", "PostgresStore", "Statements", "render_statements"]
+__all__ = ["CLAIM_TRIES", "PURGE_BATCH", "AsyncPostgresStore", "Statements", "render_statements"]
 
 # Claim statements one claim runs at most while claims committed concurrently keep it from an
 # answer (see the module docstring).
@@ -480,7 +480,7 @@ class _Pool(AsyncConnectionPool[Any]):
         )
 
 
-class PostgresStore:
+class AsyncPostgresStore:
     """Idempotency records in a PostgreSQL table (``postgresql://…``); see the module docstring.
 
     Options: ``schema`` and ``table`` name the table; ``min_size`` and ``max_size`` bound the
@@ -500,6 +500,8 @@ class PostgresStore:
     """
 
     dialect = "postgresql"
+    # Every operation is a network round trip: a driver bounds it with its store_timeout.
+    in_process = False
 
     def __init__(
         self,
@@ -565,7 +567,7 @@ class PostgresStore:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> PostgresStore:
+    def from_url(cls, url: str, /, **options: Any) -> AsyncPostgresStore:
         """A store for ``url``; ``prepare_threshold`` may be in its query (an option given here
         wins), and is read from text as ``none`` or a count."""
         url, in_url = _take_query_option(url, "prepare_threshold")
@@ -577,7 +579,7 @@ class PostgresStore:
         return cls(url, **options)
 
     def __repr__(self) -> str:
-        return f"PostgresStore(schema={self.schema!r}, table={self.table!r})"
+        return f"AsyncPostgresStore(schema={self.schema!r}, table={self.table!r})"
 
     # Connections: the pool opens on first use, and the table is made ready once per store.
 

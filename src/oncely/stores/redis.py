@@ -71,7 +71,7 @@ from .._codec import (
 from .._errors import ConfigurationError, StoreUnavailable
 from ._rules import ABANDONED_RETENTION, new_token
 
-__all__ = ["RedisStore"]
+__all__ = ["AsyncRedisStore"]
 
 # Shared by every script. Times are epoch seconds on the store's clock; they are written with 17
 # significant digits, so that Python reads back exactly the double Lua computed.
@@ -394,13 +394,16 @@ def _client_from_url(url: str, **options: Any) -> Redis | RedisCluster:
         raise ConfigurationError(f"bad Redis store URL or option: {exc}") from exc
 
 
-class RedisStore:
+class AsyncRedisStore:
     """Idempotency records in Redis (``redis://``, ``rediss://``, ``redis+cluster://`` ...).
 
     ``client`` is a redis-py asyncio client made with ``decode_responses=False``; the store owns
     it and closes it in :meth:`aclose`. ``time_offset`` (seconds) is added to Redis's clock in
     every operation; tests move time with it.
     """
+
+    # Every operation is a network round trip: a driver bounds it with its store_timeout.
+    in_process = False
 
     def __init__(
         self,
@@ -429,18 +432,17 @@ class RedisStore:
     def from_url(
         cls,
         url: str,
+        /,
         *,
         prefix: str = "oncely:",
         time_offset: float = 0.0,
-        socket_timeout: float | None = 5.0,
-        socket_connect_timeout: float | None = 5.0,
-    ) -> RedisStore:
-        client = _client_from_url(
-            url,
-            decode_responses=False,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-        )
+        **options: Any,
+    ) -> AsyncRedisStore:
+        """A store for ``url``; other ``options`` go to redis-py's client (``socket_timeout``
+        and ``socket_connect_timeout`` are 5 s unless given)."""
+        options.setdefault("socket_timeout", 5.0)
+        options.setdefault("socket_connect_timeout", 5.0)
+        client = _client_from_url(url, decode_responses=False, **options)
         return cls(client, prefix=prefix, time_offset=time_offset)
 
     def redis_key(self, key: str) -> str:
