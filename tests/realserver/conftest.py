@@ -35,7 +35,7 @@ import pytest
 
 from oncely import Record
 from oncely.stores import AsyncStore
-from oncely.stores import redis as redis_scripts
+from oncely.stores import _redis_lua as redis_scripts
 from oncely.stores.postgres import AsyncPostgresStore
 
 from ..stores import backend_postgres, backend_redis
@@ -362,10 +362,10 @@ STORE_LABELS: dict[str, dict[bytes, str]] = {
         b"WITH gone AS": "release",
     },
     "redis": {
-        sha1_of(redis_scripts._CLAIM): "claim",
-        sha1_of(redis_scripts._COMPLETE): "complete",
-        sha1_of(redis_scripts._RENEW): "renew",
-        sha1_of(redis_scripts._RELEASE): "release",
+        sha1_of(redis_scripts.CLAIM): "claim",
+        sha1_of(redis_scripts.COMPLETE): "complete",
+        sha1_of(redis_scripts.RENEW): "renew",
+        sha1_of(redis_scripts.RELEASE): "release",
     },
 }
 

@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from oncely.stores.redis import AsyncRedisStore
+from oncely.stores.redis import AsyncRedisStore, RedisStore
 
 from ..conftest import service_missing
 
@@ -55,16 +55,22 @@ async def redis_store(prefix: str | None = None) -> AsyncRedisStore:
     return AsyncRedisStore.from_url(REDIS_URL, prefix=prefix)
 
 
-async def redis_backend(tmp_path: Path) -> AsyncIterator[Backend]:
-    from .conftest import Backend
+async def redis_backend(tmp_path: Path, *, sync: bool) -> AsyncIterator[Backend]:
+    """A store on a fresh prefix: the async side, or the sync side run in threads."""
+    from .conftest import Backend, InThreads
 
     store = await redis_store()
+    sync_store = RedisStore.from_url(REDIS_URL, prefix=store.prefix) if sync else None
 
     def advance(seconds: float) -> None:
+        if sync_store is not None:
+            sync_store.time_offset += seconds
         store.time_offset += seconds
 
     try:
-        yield Backend("redis", store, advance)
+        yield Backend("redis", store if sync_store is None else InThreads(sync_store), advance)
     finally:
+        if sync_store is not None:
+            sync_store.close()
         await delete_prefix(store.client, store.prefix)
         await store.aclose()

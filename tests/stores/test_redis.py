@@ -21,7 +21,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-import oncely.stores.redis as redis_module
+import oncely.stores._async.redis as redis_driver
+import oncely.stores._redis_lua as redis_module
 from oncely import (
     Claimed,
     ConfigurationError,
@@ -374,7 +375,7 @@ async def test_a_resent_claim_owns_the_key_it_wrote(
     store: AsyncRedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What the client's retry after a lost answer does: the same script with the same token.
-    monkeypatch.setattr(redis_module, "new_token", lambda: "f" * 32)
+    monkeypatch.setattr(redis_driver, "new_token", lambda: "f" * 32)
     key = new_key()
     first = await claim(store, key)
     second = await claim(store, key)
@@ -426,7 +427,7 @@ async def test_a_script_the_server_does_not_know_is_sent_whole_once(
     await claim(store, new_key())  # the connection is open
     for _ in range(5):
         # A script text of its own, so that no other client has loaded it.
-        store._claim = redis_module._Script(redis_module._CLAIM + f"-- {new_key()}\n")
+        store._claim = redis_module.Script(redis_module.CLAIM + f"-- {new_key()}\n")
         won, first = await traffic.measure(store.claim(new_key(), FP, lease=60))
         assert isinstance(won, Claimed)
         if first.reads == 2:
