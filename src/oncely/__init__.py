@@ -24,7 +24,7 @@ from ._errors import (
 )
 from ._fingerprint import fingerprint
 from ._keys import parse_key, storage_key
-from .stores import AsyncStore, open_store
+from .stores import AsyncStore, Store, open_async_store, open_store
 
 __version__ = "0.1.0"
 
@@ -49,11 +49,13 @@ __all__ = [
     "Route",
     "Scope",
     "State",
+    "Store",
     "StoreUnavailable",
     "StoredResponse",
     "TransactionalStore",
     "current_attempt",
     "fingerprint",
+    "open_async_store",
     "open_store",
     "parse_key",
     "scope_from_header",

@@ -44,7 +44,7 @@ from ._flow import (
     flow,
 )
 from ._keys import parse_key, storage_key
-from .stores import AsyncStore, open_store
+from .stores import AsyncStore, open_async_store
 
 __all__ = ["IdempotencyMiddleware"]
 
@@ -108,7 +108,7 @@ class IdempotencyMiddleware:
         if lease <= 0 or ttl <= 0 or tombstone_ttl < 0 or wait < 0 or store_timeout <= 0:
             raise ConfigurationError("lease, ttl and store_timeout must be positive")
         self.app = app
-        self.store: AsyncStore = open_store(store) if isinstance(store, str) else store
+        self.store: AsyncStore = open_async_store(store) if isinstance(store, str) else store
         self.scope = scope
         self.methods = frozenset(m.upper() for m in methods)
         self.routes = tuple(routes)
