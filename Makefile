@@ -24,6 +24,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 test: lint typecheck
+	$(BIN)/python scripts/unasync.py --check
 	$(BIN)/python scripts/check_core_imports.py
 	$(BIN)/python -m pytest
 

@@ -154,18 +154,18 @@ def _tenant(headers: Any) -> str | None:
 
 
 def _oncely(app: Starlette, store: str, openers: list[Closer], closers: list[Closer]) -> None:
-    from oncely import open_store, tenant_from_header
+    from oncely import open_async_store, tenant_from_header
     from oncely.asgi import IdempotencyMiddleware
 
     prefix = _env("BENCH_PREFIX")
     if store == "memory":
-        backend = open_store("memory:")
+        backend = open_async_store("memory:")
     elif store == "sqlite":
-        backend = open_store(f"sqlite:{_sqlite_path('oncely')}")
+        backend = open_async_store(f"sqlite:{_sqlite_path('oncely')}")
     elif store == "postgres":
-        backend = open_store(_env("BENCH_PG_URL"), **_options("postgres", prefix))
+        backend = open_async_store(_env("BENCH_PG_URL"), **_options("postgres", prefix))
     else:
-        backend = open_store(_env("BENCH_REDIS_URL"), **_options("redis", prefix))
+        backend = open_async_store(_env("BENCH_REDIS_URL"), **_options("redis", prefix))
     closers.append(backend.aclose)
     app.add_middleware(
         IdempotencyMiddleware, store=backend, tenant=tenant_from_header(TENANT_HEADER)

@@ -2,6 +2,7 @@
 
     python stores.py --seconds 3 --concurrency 32 --store memory=memory: \
         --store sqlite=sqlite:/tmp/x.db --store 'redis=redis://127.0.0.1:6379/0 prefix=b:'
+    python stores.py --side sync ...   # the sync side: 32 threads (or both: --side both)
 
 run.py runs it pinned to the server's core and reads the JSON it prints. Three phases per store:
 
@@ -9,8 +10,9 @@ run.py runs it pinned to the server's core and reads the JSON it prints. Three p
 - complete: completes the claim just won, with a 250-byte JSON response (UPDATE);
 - claim (replay): every call meets a completed record and gets it back, response included.
 
-Each phase runs ``--seconds`` with ``--concurrency`` tasks on one event loop; latencies are per
-call, from the await to its result, so they include waiting behind the other 31 clients.
+Each phase runs ``--seconds`` with ``--concurrency`` tasks on one event loop (the async side,
+``open_async_store``) or as many threads (the sync side, ``open_store``); latencies are per call,
+from the call to its result, so they include waiting behind the other 31 clients.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import asyncio
 import json
 import secrets
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from oncely import Claimed, StoredResponse, open_store
+from oncely import Claimed, Store, StoredResponse, open_async_store, open_store
 
 RESPONSE = StoredResponse(
     status=201,
@@ -59,7 +63,7 @@ def _summary(samples: list[float], seconds: float) -> dict[str, float]:
 
 
 async def _bench(url: str, options: dict[str, Any], seconds: float, concurrency: int) -> dict:
-    store = open_store(url, **options)
+    store = open_async_store(url, **options)
     run = secrets.token_hex(4)
     claims: list[float] = []
     completes: list[float] = []
@@ -119,6 +123,73 @@ async def _bench(url: str, options: dict[str, Any], seconds: float, concurrency:
     }
 
 
+def _threads(count: int, work: Callable[[int], None]) -> float:
+    """Run ``work(i)`` in ``count`` threads at once; the seconds they took."""
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(count)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start
+
+
+def _bench_sync(url: str, options: dict[str, Any], seconds: float, concurrency: int) -> dict:
+    """The same three phases on the sync side, one thread per client."""
+    store: Store = open_store(url, **options)
+    run = secrets.token_hex(4)
+    claims: list[float] = []
+    completes: list[float] = []
+    replays: list[float] = []
+    lost: list[str] = []
+    try:
+        warm = store.claim(f"{run}-warm", FINGERPRINT, lease=60.0)
+        if isinstance(warm, Claimed):
+            store.complete(warm, RESPONSE, ttl=TTL, tombstone_ttl=TOMBSTONE_TTL)
+        deadline = time.perf_counter() + seconds
+
+        def fresh(worker: int) -> None:
+            n = 0
+            while time.perf_counter() < deadline:
+                n += 1
+                t0 = time.perf_counter()
+                claim = store.claim(f"{run}-{worker}-{n}", FINGERPRINT, lease=60.0)
+                t1 = time.perf_counter()
+                if not isinstance(claim, Claimed):
+                    lost.append("a new key was not won")
+                    continue
+                if not store.complete(claim, RESPONSE, ttl=TTL, tombstone_ttl=TOMBSTONE_TTL):
+                    lost.append("a claim could not complete")
+                claims.append(t1 - t0)
+                completes.append(time.perf_counter() - t1)
+
+        fresh_seconds = _threads(concurrency, fresh)
+        keys = [f"{run}-replay-{w}" for w in range(concurrency)]
+        for key in keys:
+            claim = store.claim(key, FINGERPRINT, lease=60.0)
+            assert isinstance(claim, Claimed)
+            store.complete(claim, RESPONSE, ttl=TTL, tombstone_ttl=TOMBSTONE_TTL)
+        deadline = time.perf_counter() + seconds
+
+        def replay(worker: int) -> None:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                found = store.claim(keys[worker], FINGERPRINT, lease=60.0)
+                replays.append(time.perf_counter() - t0)
+                if isinstance(found, Claimed):
+                    lost.append("a completed key was claimed again")
+
+        replay_seconds = _threads(concurrency, replay)
+    finally:
+        store.close()
+    return {
+        "claim_new": _summary(claims, fresh_seconds),
+        "complete": _summary(completes, fresh_seconds),
+        "claim_replay": _summary(replays, replay_seconds),
+        "problems": sorted(set(lost)),
+    }
+
+
 def _parse_store(text: str) -> tuple[str, str, dict[str, Any]]:
     name, _, rest = text.partition("=")
     url, *pairs = rest.split()
@@ -131,12 +202,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--store", action="append", default=[], help="NAME=URL [OPTION=VALUE]")
+    parser.add_argument("--side", choices=["async", "sync", "both"], default="async")
     args = parser.parse_args()
     results: dict[str, Any] = {}
-    for text in args.store:
+    sides = ["async", "sync"] if args.side == "both" else [args.side]
+    for text, side in [(text, side) for text in args.store for side in sides]:
         name, url, options = _parse_store(text)
+        if args.side == "both":
+            name = f"{name} ({side})"
         try:
-            if args.loop == "uvloop":
+            if side == "sync":
+                outcome = _bench_sync(url, options, args.seconds, args.concurrency)
+            elif args.loop == "uvloop":
                 import uvloop
 
                 outcome = uvloop.run(_bench(url, options, args.seconds, args.concurrency))

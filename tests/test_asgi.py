@@ -39,7 +39,7 @@ from oncely import (
 )
 from oncely.asgi import IdempotencyMiddleware
 from oncely.stores import AsyncStore
-from oncely.stores.memory import MemoryStore
+from oncely.stores.memory import AsyncMemoryStore
 
 from .conftest import Clock
 
@@ -366,7 +366,7 @@ async def test_a_new_key_costs_two_store_round_trips_and_a_replay_one() -> None:
     """Claim + complete for a new key; one claim for a replay (no check-then-set)."""
     calls: list[str] = []
 
-    class Counting(MemoryStore):
+    class Counting(AsyncMemoryStore):
         async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
             calls.append("claim")
             return await super().claim(key, fingerprint, lease=lease)
@@ -569,7 +569,7 @@ async def test_the_first_matching_route_decides() -> None:
 
 async def test_a_route_ttl_ends_its_replay_window_and_leaves_a_tombstone(clock: Clock) -> None:
     """After a route's TTL a repeat is told the answer expired; another payload is still 422."""
-    store = MemoryStore(clock=clock)
+    store = AsyncMemoryStore(clock=clock)
     async with serve(store, routes=[Route("/short", ttl=10)]) as (client, api):
         short, long = headers(new_key()), headers(new_key())
         await client.post("/short", json=PAYMENT, headers=short)
@@ -920,7 +920,7 @@ async def test_an_app_that_returns_without_answering_releases_the_key() -> None:
 # Store trouble ----------------------------------------------------------------------------
 
 
-class BrokenStore(MemoryStore):
+class BrokenStore(AsyncMemoryStore):
     """A store whose every operation fails as the given error, or never answers."""
 
     in_process = False  # it may hang: the middleware must time it out
@@ -986,7 +986,7 @@ async def test_a_store_that_fails_after_the_run_still_answers_the_client() -> No
     """The app ran: its answer goes out even if it cannot be stored (after store_timeout, while
     the write is tried again until the lease ends)."""
 
-    class FailsOnComplete(MemoryStore):
+    class FailsOnComplete(AsyncMemoryStore):
         async def complete(
             self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
         ) -> bool:
@@ -1255,7 +1255,7 @@ async def test_single_tenant_may_be_passed_called_or_not() -> None:
     assert api.runs["/payments"] == 1
 
 
-class CompleteFailsOnce(MemoryStore):
+class CompleteFailsOnce(AsyncMemoryStore):
     """A store whose first complete fails after it was written (its reply lost)."""
 
     def __init__(self) -> None:

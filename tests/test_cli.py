@@ -11,7 +11,7 @@ import pytest
 
 from oncely import Claimed, StoredResponse, storage_key
 from oncely.cli import main
-from oncely.stores.sqlite import SQLiteStore
+from oncely.stores.sqlite import AsyncSQLiteStore
 
 
 def test_migrate_creates_the_table_and_is_idempotent(
@@ -38,7 +38,7 @@ def test_purge_deletes_only_forgotten_records(
     db = tmp_path / "cli.db"
 
     async def seed() -> None:
-        store = SQLiteStore(db)
+        store = AsyncSQLiteStore(db)
         for key, retention in (("old", 0.0), ("new", 3600.0)):
             claim = await store.claim(key, "fp", lease=10)
             assert isinstance(claim, Claimed)
@@ -61,7 +61,7 @@ def test_inspect_shows_a_record_by_scope_and_key(
     db = tmp_path / "cli.db"
 
     async def seed() -> None:
-        store = SQLiteStore(db)
+        store = AsyncSQLiteStore(db)
         claim = await store.claim(storage_key("acme", "k-1"), "v1:fp", lease=10)
         assert isinstance(claim, Claimed)
         await store.complete(claim, StoredResponse(201, body=b"{}"), ttl=60, tombstone_ttl=60)

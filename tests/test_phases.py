@@ -29,8 +29,8 @@ from oncely import (
     storage_key,
 )
 from oncely.asgi import IdempotencyMiddleware
-from oncely.stores.memory import MemoryStore
-from oncely.stores.sqlite import SQLiteStore
+from oncely.stores.memory import AsyncMemoryStore
+from oncely.stores.sqlite import AsyncSQLiteStore
 
 from .conftest import Clock
 
@@ -90,8 +90,8 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(db)
+async def store(db: Path) -> AsyncIterator[AsyncSQLiteStore]:
+    s = AsyncSQLiteStore(db)
     yield s
     await s.aclose()
 
@@ -100,13 +100,13 @@ def client_for(app: IdempotencyMiddleware) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
 
 
-def make_app(bank: Bank, store: SQLiteStore) -> IdempotencyMiddleware:
+def make_app(bank: Bank, store: AsyncSQLiteStore) -> IdempotencyMiddleware:
     inner = Starlette(routes=[Route("/payments", bank.create, methods=["POST"])])
     return IdempotencyMiddleware(inner, store=store, tenant=single_tenant)
 
 
 async def test_the_response_committed_with_the_effect_is_replayed(
-    db: Path, store: SQLiteStore
+    db: Path, store: AsyncSQLiteStore
 ) -> None:
     """The handler stores its response in its own transaction; a repeat replays it."""
     bank = Bank(db)
@@ -123,7 +123,7 @@ async def test_the_response_committed_with_the_effect_is_replayed(
 
 
 async def test_a_retry_after_a_failure_between_phases_resumes_from_the_recovery_point(
-    db: Path, store: SQLiteStore
+    db: Path, store: AsyncSQLiteStore
 ) -> None:
     """The first attempt committed its payment and then failed; the retry reuses that payment."""
     bank = Bank(db)
@@ -150,7 +150,7 @@ async def test_a_taken_over_attempt_cannot_record_and_its_transaction_rolls_back
 ) -> None:
     """Fencing reaches into the business transaction: a zombie's phase raises LeaseLost."""
     clock = Clock()
-    store = SQLiteStore(db, clock=clock)
+    store = AsyncSQLiteStore(db, clock=clock)
     try:
         zombie = await store.claim("key", "fp", lease=10)
         assert isinstance(zombie, Claimed)
@@ -182,7 +182,9 @@ def test_downstream_keys_are_stable_across_attempts_and_differ_by_step() -> None
     other = Claimed("k2", "fp", "t3", 1, 0.0)
 
     def make(claim: Claimed) -> Attempt:
-        return Attempt(MemoryStore(), claim, ttl=1, tombstone_ttl=1, header_allowlist=frozenset())
+        return Attempt(
+            AsyncMemoryStore(), claim, ttl=1, tombstone_ttl=1, header_allowlist=frozenset()
+        )
 
     assert make(a1).downstream_key("charge") == make(a2).downstream_key("charge")
     assert make(a1).downstream_key("charge") != make(a1).downstream_key("refund")
@@ -192,7 +194,7 @@ def test_downstream_keys_are_stable_across_attempts_and_differ_by_step() -> None
 async def test_a_store_that_cannot_share_the_transaction_says_so() -> None:
     """Memory (like Redis) has no shared transaction: record() explains checkpoint() instead."""
 
-    store = MemoryStore()
+    store = AsyncMemoryStore()
     claim = await store.claim("k", "fp", lease=10)
     assert isinstance(claim, Claimed)
     attempt = Attempt(store, claim, ttl=1, tombstone_ttl=1, header_allowlist=frozenset())
@@ -215,7 +217,7 @@ def engine_session(db: Path) -> Iterator[Session]:
 
 
 async def test_sqlalchemy_sessions_record_phases_in_their_transaction(
-    db: Path, store: SQLiteStore, engine_session: Session
+    db: Path, store: AsyncSQLiteStore, engine_session: Session
 ) -> None:
     """The SQLAlchemy recipe: attempt.record(session, ...) inside session.begin()."""
 

@@ -27,14 +27,14 @@ from starlette.routing import Route as StarletteRoute
 
 from oncely import Claimed, Existing, State, StoredResponse, current_attempt, storage_key
 from oncely.asgi import IdempotencyMiddleware
-from oncely.stores.memory import MemoryStore
+from oncely.stores.memory import AsyncMemoryStore
 
 from .test_asgi import PAYMENT, TENANT, Api, headers, new_key, problem, replayed
 
 OPS = ("claim", "complete", "release", "renew", "record_phase")
 
 
-class FlakyStore(MemoryStore):
+class FlakyStore(AsyncMemoryStore):
     """A memory store whose operations fail while the test says so.
 
     ``down``: the operations failing now, each call raising ``error()``; ``fail_next[op]``: how
@@ -83,7 +83,7 @@ class FlakyStore(MemoryStore):
 
 @asynccontextmanager
 async def serving(
-    store: MemoryStore, **options: Any
+    store: AsyncMemoryStore, **options: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Api, IdempotencyMiddleware]]:
     """A client for the test API behind the middleware (yielded too); closed afterwards."""
     api = Api()
@@ -107,7 +107,7 @@ async def until(condition: Callable[[], bool], limit: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
-async def state_of(store: MemoryStore, key: str) -> State | None:
+async def state_of(store: AsyncMemoryStore, key: str) -> State | None:
     record = await store.get(skey(key))
     return None if record is None else record.state
 
@@ -229,7 +229,7 @@ async def test_the_outcome_is_abandoned_at_once_when_another_claim_owns_the_key(
         record = await store.get(skey(key))
         assert record is not None
         # Another process took the key over (its lease ran out there, say).
-        store._records[record.key] = dataclasses.replace(record, token="another-owner")
+        store.sync._records[record.key] = dataclasses.replace(record, token="another-owner")
         started = time.monotonic()
         await mw.drain()
         waited = time.monotonic() - started

@@ -33,7 +33,7 @@ from ._errors import (
 )
 from ._fingerprint import fingerprint
 from ._keys import parse_key, storage_key
-from .stores import AsyncStore, open_store
+from .stores import AsyncStore, Store, open_async_store, open_store
 
 __version__ = "0.1.0"
 
@@ -57,12 +57,14 @@ __all__ = [
     "ResponseNotReplayable",
     "Route",
     "State",
+    "Store",
     "StoreUnavailable",
     "StoredResponse",
     "Tenant",
     "TransactionalStore",
     "current_attempt",
     "fingerprint",
+    "open_async_store",
     "open_store",
     "parse_key",
     "single_tenant",

@@ -23,7 +23,7 @@ from ._drive import BackgroundWrites, adrive
 from ._errors import ProblemError, problem_response
 from ._flow import AppFailed, Lease, Ran
 from ._pipeline import Admitted, Answer, Capture, admit, settle
-from .stores import AsyncStore, open_store
+from .stores import AsyncStore, open_async_store
 
 __all__ = ["IdempotencyMiddleware"]
 
@@ -55,7 +55,7 @@ class IdempotencyMiddleware:
     ) -> None:
         self.options = Options(tenant=tenant, **options)
         self.app = app
-        self.store: AsyncStore = open_store(store) if isinstance(store, str) else store
+        self.store: AsyncStore = open_async_store(store) if isinstance(store, str) else store
         self._header = self.options.header_lower.encode("latin-1")
         # Outcome writes still going on after their client was answered (a store blip).
         self.writes = BackgroundWrites()

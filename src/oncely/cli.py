@@ -9,7 +9,6 @@ oncely serve [service flags]                             # the reference payment
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib
 import json
 import os
@@ -18,32 +17,32 @@ from collections.abc import Sequence
 
 from ._errors import ConfigurationError, OncelyError
 from ._keys import storage_key
-from .stores import AsyncStore, open_store
+from .stores import Store, open_store
 
 __all__ = ["main"]
 
 DEFAULT_STORE = os.environ.get("ONCELY_STORE", "sqlite:oncely.db")
 
 
-async def _migrate(store: AsyncStore) -> str:
+def _migrate(store: Store) -> str:
     migrate = getattr(store, "migrate", None)
     if migrate is None:
         return "nothing to migrate: this store keeps no schema"
-    await migrate()
+    migrate()
     return "schema is up to date"
 
 
-async def _purge(store: AsyncStore, batch: int) -> str:
+def _purge(store: Store, batch: int) -> str:
     total = 0
     while True:
-        deleted = await store.purge(limit=batch)
+        deleted = store.purge(limit=batch)
         total += deleted
         if deleted < batch:
             return f"purged {total} expired records"
 
 
-async def _inspect(store: AsyncStore, scope: str, key: str, namespace: str) -> str:
-    record = await store.get(storage_key(scope, key, namespace))
+def _inspect(store: Store, scope: str, key: str, namespace: str) -> str:
+    record = store.get(storage_key(scope, key, namespace))
     if record is None:
         return "no record for this key"
     response = record.response
@@ -78,19 +77,19 @@ def _store_options(args: argparse.Namespace) -> dict[str, str]:
     return options
 
 
-async def _with_store(url: str, action: str, args: argparse.Namespace) -> str:
+def _with_store(url: str, action: str, args: argparse.Namespace) -> str:
     try:
         store = open_store(url, **_store_options(args))
     except TypeError as exc:
         raise ConfigurationError(f"this store does not take that option: {exc}") from exc
     try:
         if action == "migrate":
-            return await _migrate(store)
+            return _migrate(store)
         if action == "purge":
-            return await _purge(store, args.batch)
-        return await _inspect(store, args.scope, args.key, args.namespace)
+            return _purge(store, args.batch)
+        return _inspect(store, args.scope, args.key, args.namespace)
     finally:
-        await store.aclose()
+        store.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return result
     args = _parser().parse_args(args_list)
     try:
-        print(asyncio.run(_with_store(args.store, args.command, args)))
+        print(_with_store(args.store, args.command, args))
     except (ConfigurationError, OncelyError) as exc:
         print(f"oncely {args.command}: {exc}", file=sys.stderr)
         return 1

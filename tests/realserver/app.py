@@ -3,7 +3,7 @@
 Configured by environment variables, so that every uvicorn process (and worker) builds the same app:
 
 - ``ONCELY_TEST_STORE``: the store URL (``sqlite:/tmp/.../oncely.db``)
-- ``ONCELY_TEST_STORE_OPTIONS``: a JSON object of options for ``open_store`` (a PostgreSQL
+- ``ONCELY_TEST_STORE_OPTIONS``: a JSON object of options for ``open_async_store`` (a PostgreSQL
   schema, a Redis key prefix, connect and socket timeouts, pool sizes)
 - ``ONCELY_TEST_STORE_TIMEOUT``: the middleware's ``store_timeout`` in seconds (default 5)
 - ``ONCELY_TEST_LEDGER``: a file every handler run appends a line to (one ``write`` on a file
@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from oncely import OncelyError, current_attempt, open_store, tenant_from_header
+from oncely import OncelyError, current_attempt, open_async_store, tenant_from_header
 from oncely.asgi import IdempotencyMiddleware
 
 STORE = os.environ.get("ONCELY_TEST_STORE", "memory:")
@@ -118,7 +118,7 @@ app = IdempotencyMiddleware(
             Route("/health", health, methods=["GET"]),
         ]
     ),
-    store=open_store(STORE, **STORE_OPTIONS) if STORE_OPTIONS else STORE,
+    store=open_async_store(STORE, **STORE_OPTIONS) if STORE_OPTIONS else STORE,
     tenant=tenant_from_header("X-Tenant-Id"),
     lease=LEASE,
     store_timeout=STORE_TIMEOUT,

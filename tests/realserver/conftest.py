@@ -35,8 +35,8 @@ import pytest
 
 from oncely import Record
 from oncely.stores import AsyncStore
-from oncely.stores import redis as redis_scripts
-from oncely.stores.postgres import PostgresStore
+from oncely.stores import _redis_lua as redis_scripts
+from oncely.stores.postgres import AsyncPostgresStore
 
 from ..stores import backend_postgres, backend_redis
 from .proxy import StoreProxy
@@ -329,7 +329,7 @@ async def shared_store(
     if request.param == "postgres":
         await backend_postgres.require_server()
         schema = backend_postgres.new_schema()
-        store = PostgresStore(backend_postgres.URL, schema=schema, max_size=2)
+        store = AsyncPostgresStore(backend_postgres.URL, schema=schema, max_size=2)
         try:
             yield SharedStore("postgres", backend_postgres.URL, {"schema": schema}, store)
         finally:
@@ -362,10 +362,10 @@ STORE_LABELS: dict[str, dict[bytes, str]] = {
         b"WITH gone AS": "release",
     },
     "redis": {
-        sha1_of(redis_scripts._CLAIM): "claim",
-        sha1_of(redis_scripts._COMPLETE): "complete",
-        sha1_of(redis_scripts._RENEW): "renew",
-        sha1_of(redis_scripts._RELEASE): "release",
+        sha1_of(redis_scripts.CLAIM): "claim",
+        sha1_of(redis_scripts.COMPLETE): "complete",
+        sha1_of(redis_scripts.RENEW): "renew",
+        sha1_of(redis_scripts.RELEASE): "release",
     },
 }
 

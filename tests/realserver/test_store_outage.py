@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from oncely import State, storage_key
-from oncely.stores import redis as redis_store
+from oncely.stores import _redis_lua as redis_store
 
 from .client import (
     MAX_TRIES,
@@ -55,10 +55,10 @@ RECOVERY_LIMIT = 30.0  # seconds the server may take to answer 201 again once tr
 SLACK = 1.0
 
 
-CLAIM = {"postgres": b"INSERT INTO", "redis": sha1_of(redis_store._CLAIM)}
+CLAIM = {"postgres": b"INSERT INTO", "redis": sha1_of(redis_store.CLAIM)}
 COMPLETE = {
     "postgres": b"SET response = CASE WHEN state = 'in_flight'",
-    "redis": sha1_of(redis_store._COMPLETE),
+    "redis": sha1_of(redis_store.COMPLETE),
 }
 
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from oncely.stores.postgres import PostgresStore
+from oncely.stores.postgres import AsyncPostgresStore, PostgresStore
 
 from ..conftest import service_missing
 
@@ -59,20 +59,35 @@ async def scratch_schema() -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def postgres_store(schema: str, **options: Any) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore.from_url(URL, schema=schema, **options)
+async def postgres_store(schema: str, **options: Any) -> AsyncIterator[AsyncPostgresStore]:
+    store = AsyncPostgresStore.from_url(URL, schema=schema, **options)
     try:
         yield store
     finally:
         await store.aclose()
 
 
-async def postgres_backend(tmp_path: Path) -> AsyncIterator[Backend]:
-    from .conftest import Backend
+async def postgres_backend(tmp_path: Path, *, sync: bool) -> AsyncIterator[Backend]:
+    """A store on a fresh schema: the async side, or the sync side run in threads."""
+    from .conftest import Backend, InThreads
 
-    async with scratch_schema() as schema, postgres_store(schema) as store:
+    async with scratch_schema() as schema:
+        store: AsyncPostgresStore | PostgresStore
+        if sync:
+            store = PostgresStore.from_url(URL, schema=schema)
+        else:
+            store = AsyncPostgresStore.from_url(URL, schema=schema)
 
         def advance(seconds: float) -> None:
             store.time_offset += seconds
 
-        yield Backend("postgres", store, advance)
+        if isinstance(store, PostgresStore):
+            try:
+                yield Backend("postgres", InThreads(store), advance)
+            finally:
+                store.close()
+        else:
+            try:
+                yield Backend("postgres", store, advance)
+            finally:
+                await store.aclose()

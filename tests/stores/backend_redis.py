@@ -18,7 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from oncely.stores.redis import RedisStore
+from oncely.stores.redis import AsyncRedisStore, RedisStore
 
 from ..conftest import service_missing
 
@@ -35,7 +35,7 @@ async def delete_prefix(client: redis.asyncio.Redis | RedisCluster, prefix: str)
         await client.delete(*names[start : start + 500])
 
 
-async def redis_store(prefix: str | None = None) -> RedisStore:
+async def redis_store(prefix: str | None = None) -> AsyncRedisStore:
     """A store on the test server with a fresh prefix; skips (fails under CI) without a server."""
     scheme, _, rest = REDIS_URL.partition("://")
     probe = redis.asyncio.Redis.from_url(
@@ -52,19 +52,25 @@ async def redis_store(prefix: str | None = None) -> RedisStore:
     finally:
         await probe.aclose()
     prefix = prefix or f"oncely-test:{secrets.token_hex(8)}:"
-    return RedisStore.from_url(REDIS_URL, prefix=prefix)
+    return AsyncRedisStore.from_url(REDIS_URL, prefix=prefix)
 
 
-async def redis_backend(tmp_path: Path) -> AsyncIterator[Backend]:
-    from .conftest import Backend
+async def redis_backend(tmp_path: Path, *, sync: bool) -> AsyncIterator[Backend]:
+    """A store on a fresh prefix: the async side, or the sync side run in threads."""
+    from .conftest import Backend, InThreads
 
     store = await redis_store()
+    sync_store = RedisStore.from_url(REDIS_URL, prefix=store.prefix) if sync else None
 
     def advance(seconds: float) -> None:
+        if sync_store is not None:
+            sync_store.time_offset += seconds
         store.time_offset += seconds
 
     try:
-        yield Backend("redis", store, advance)
+        yield Backend("redis", store if sync_store is None else InThreads(sync_store), advance)
     finally:
+        if sync_store is not None:
+            sync_store.close()
         await delete_prefix(store.client, store.prefix)
         await store.aclose()

@@ -94,7 +94,7 @@ async def test_a_not_replayable_outcome_is_kept_as_such(backend: Backend) -> Non
     assert seen.record.response == kept
     outcome = refusal_for(seen, FP, Policy())
     assert isinstance(outcome, RefuseOutcome)
-    assert outcome.error.status == 409
+    assert outcome.error.status == 410
     assert outcome.error.extensions["location"] == "/payments/pay_9"
 
 
@@ -206,7 +206,7 @@ async def test_after_the_ttl_a_tombstone_refuses_and_then_the_key_is_free(
     seen = await existing(backend, key)
     same = refusal_for(seen, FP, Policy())
     assert isinstance(same, RefuseOutcome)
-    assert same.error.status == 409
+    assert same.error.status == 410
     assert same.error.extensions["reason"] == "expired"
     other = refusal_for(await existing(backend, key, OTHER_FP), OTHER_FP, Policy())
     assert isinstance(other, RefuseOutcome)

@@ -29,8 +29,8 @@ from redis.asyncio import BlockingConnectionPool
 from oncely import Claimed, StoredResponse, StoreUnavailable
 from oncely._drive import _call_store
 from oncely.stores import AsyncStore
-from oncely.stores.postgres import PostgresStore
-from oncely.stores.redis import RedisStore
+from oncely.stores.postgres import AsyncPostgresStore
+from oncely.stores.redis import AsyncRedisStore
 
 from ..realserver.proxy import Mode, StoreProxy
 from . import backend_postgres, backend_redis
@@ -59,7 +59,7 @@ async def open_proxied(kind: str, stack: AsyncExitStack, *, tight_pool: bool) ->
         proxy = stack.enter_context(StoreProxy(("127.0.0.1", 5432)))
         schema = backend_postgres.new_schema()
         stack.push_async_callback(backend_postgres.drop_schema, schema)
-        pg = PostgresStore(
+        pg = AsyncPostgresStore(
             f"postgresql://postgres@127.0.0.1:{proxy.port}/test",
             schema=schema,
             connect_timeout=1,
@@ -79,9 +79,9 @@ async def open_proxied(kind: str, stack: AsyncExitStack, *, tight_pool: bool) ->
     timeouts: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
     if tight_pool:
         pool = BlockingConnectionPool.from_url(url, max_connections=1, timeout=0.3, **timeouts)
-        rs = RedisStore(redis.asyncio.Redis.from_pool(pool), prefix=prefix)
+        rs = AsyncRedisStore(redis.asyncio.Redis.from_pool(pool), prefix=prefix)
     else:
-        rs = RedisStore.from_url(url, prefix=prefix, **timeouts)
+        rs = AsyncRedisStore.from_url(url, prefix=prefix, **timeouts)
     stack.push_async_callback(rs.aclose)
     return Proxied(kind, rs, proxy)
 
@@ -209,7 +209,7 @@ async def test_a_hung_server_is_store_unavailable_within_the_store_timeout(
 async def close_transports(proxied: Proxied) -> int:
     """Close the store's idle connections under its driver, as a reset seen late does."""
     store = proxied.store
-    if isinstance(store, RedisStore):
+    if isinstance(store, AsyncRedisStore):
         connections = store._connections
         assert connections is not None
         idle = list(connections._idle)
@@ -218,7 +218,7 @@ async def close_transports(proxied: Proxied) -> int:
             assert writer is not None
             writer.transport.close()
         return len(idle)
-    assert isinstance(store, PostgresStore)
+    assert isinstance(store, AsyncPostgresStore)
     assert store._pool is not None
     conns: list[psycopg.AsyncConnection[Any]] = list(store._pool._pool)
     for pooled in conns:
@@ -246,7 +246,7 @@ async def test_a_pool_with_no_connection_to_give_is_store_unavailable(
     claim = await claimed(proxied.store)
     store = proxied.store
     give_back: Callable[[], Awaitable[None]]
-    if isinstance(store, RedisStore):
+    if isinstance(store, AsyncRedisStore):
         assert store._connections is not None
         taken = await store._connections.take()
 
@@ -254,7 +254,7 @@ async def test_a_pool_with_no_connection_to_give_is_store_unavailable(
             assert store._connections is not None
             store._connections.give_back(taken)
     else:
-        assert isinstance(store, PostgresStore)
+        assert isinstance(store, AsyncPostgresStore)
         pool = store._pool
         assert pool is not None
         conn = await pool.getconn()

@@ -28,8 +28,8 @@ from oncely import (
     StoredResponse,
     StoreUnavailable,
 )
-from oncely.stores import open_store
-from oncely.stores.postgres import CLAIM_TRIES, PURGE_BATCH, PostgresStore
+from oncely.stores import open_async_store
+from oncely.stores.postgres import CLAIM_TRIES, PURGE_BATCH, AsyncPostgresStore
 
 from .backend_postgres import URL, postgres_store, scratch_schema
 
@@ -42,13 +42,15 @@ def new_key() -> str:
     return uuid.uuid4().hex
 
 
-async def claimed(store: PostgresStore, key: str, fp: str = FP, lease: float = 60) -> Claimed:
+async def claimed(store: AsyncPostgresStore, key: str, fp: str = FP, lease: float = 60) -> Claimed:
     result = await store.claim(key, fp, lease=lease)
     assert isinstance(result, Claimed), result
     return result
 
 
-async def existing(store: PostgresStore, key: str, fp: str = FP, lease: float = 60) -> Existing:
+async def existing(
+    store: AsyncPostgresStore, key: str, fp: str = FP, lease: float = 60
+) -> Existing:
     result = await store.claim(key, fp, lease=lease)
     assert isinstance(result, Existing), result
     return result
@@ -79,7 +81,7 @@ async def schema() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def store(schema: str) -> AsyncIterator[PostgresStore]:
+async def store(schema: str) -> AsyncIterator[AsyncPostgresStore]:
     async with postgres_store(schema) as made:
         yield made
 
@@ -89,8 +91,8 @@ async def store(schema: str) -> AsyncIterator[PostgresStore]:
 
 async def test_open_store_reads_both_url_schemes(schema: str) -> None:
     for url in (URL, URL.replace("postgresql://", "postgres://", 1)):
-        store = open_store(url, schema=schema)
-        assert isinstance(store, PostgresStore)
+        store = open_async_store(url, schema=schema)
+        assert isinstance(store, AsyncPostgresStore)
         try:
             await claimed(store, new_key())
         finally:
@@ -122,7 +124,7 @@ async def test_stores_on_different_schemas_do_not_see_each_other() -> None:
 
 
 async def test_first_use_creates_the_table_and_indexes_in_the_named_schema(
-    store: PostgresStore, schema: str
+    store: AsyncPostgresStore, schema: str
 ) -> None:
     assert await objects_in(schema) == set()
     assert await store.get(new_key()) is None
@@ -142,7 +144,7 @@ async def test_a_custom_table_name_and_a_name_that_needs_quoting(schema: str) ->
     assert "Idem Records" in await objects_in(schema)
 
 
-async def test_migrate_is_idempotent(store: PostgresStore, schema: str) -> None:
+async def test_migrate_is_idempotent(store: AsyncPostgresStore, schema: str) -> None:
     await store.migrate()
     key = new_key()
     won = await claimed(store, key)
@@ -181,9 +183,9 @@ async def test_processes_starting_together_on_a_new_schema_agree_on_one_winner()
 
 async def test_names_too_long_for_postgres_are_refused() -> None:
     with pytest.raises(ConfigurationError):
-        PostgresStore(URL, table="t" * 60)
+        AsyncPostgresStore(URL, table="t" * 60)
     with pytest.raises(ConfigurationError):
-        PostgresStore(URL, schema="")
+        AsyncPostgresStore(URL, schema="")
 
 
 # One statement per operation, as the server sees it
@@ -249,7 +251,9 @@ def assert_one_statement(lines: list[str], command: str, *, prepared: bool) -> N
     assert len(received(lines, "ReadyForQuery")) == 1, lines
 
 
-async def every_operation(store: PostgresStore) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+async def every_operation(
+    store: AsyncPostgresStore,
+) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
     """Each store operation once on a new key, in an order where each succeeds; with the
     command tag its statement ends with."""
     key = new_key()
@@ -327,7 +331,7 @@ async def test_each_operation_is_one_statement_on_the_wire(schema: str, prepared
 # A claim writes only when it wins
 
 
-async def row_version(store: PostgresStore, key: str) -> tuple[str, str, str]:
+async def row_version(store: AsyncPostgresStore, key: str) -> tuple[str, str, str]:
     """(xmin, xmax, ctid) of the key's row: an UPDATE makes a new version (new xmin and ctid),
     a row lock sets xmax."""
     async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as conn:
@@ -342,7 +346,7 @@ async def row_version(store: PostgresStore, key: str) -> tuple[str, str, str]:
         return row[0], row[1], row[2]
 
 
-async def test_a_claim_that_finds_the_key_taken_writes_nothing(store: PostgresStore) -> None:
+async def test_a_claim_that_finds_the_key_taken_writes_nothing(store: AsyncPostgresStore) -> None:
     key = new_key()
     won = await claimed(store, key)
     in_flight = await row_version(store, key)
@@ -368,7 +372,7 @@ async def test_a_claim_that_finds_the_key_taken_writes_nothing(store: PostgresSt
 
 
 async def test_a_replay_does_not_wait_for_a_transaction_holding_the_row(
-    store: PostgresStore,
+    store: AsyncPostgresStore,
 ) -> None:
     key = new_key()
     won = await claimed(store, key)
@@ -388,7 +392,7 @@ async def test_a_replay_does_not_wait_for_a_transaction_holding_the_row(
 class ClaimStatements:
     """Counts the claim statements a store runs, and what each returned."""
 
-    store: PostgresStore
+    store: AsyncPostgresStore
     returned: list[bool] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -403,7 +407,7 @@ class ClaimStatements:
         self.store._fetchone = counted  # type: ignore[method-assign]
 
 
-async def waiting_for_a_lock(store: PostgresStore) -> None:
+async def waiting_for_a_lock(store: AsyncPostgresStore) -> None:
     """Until one of the store's connections waits for a row lock."""
     async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as admin:
         async with asyncio.timeout(5):
@@ -420,7 +424,7 @@ async def waiting_for_a_lock(store: PostgresStore) -> None:
 
 
 async def test_a_claim_beaten_by_a_claim_committed_after_its_snapshot_runs_again(
-    store: PostgresStore,
+    store: AsyncPostgresStore,
 ) -> None:
     """The statement's snapshot has no record, and the INSERT meets one committed meanwhile:
     the statement returns nothing, and the store runs it again, which reads that record."""
@@ -446,7 +450,7 @@ async def test_a_claim_beaten_by_a_claim_committed_after_its_snapshot_runs_again
 
 
 async def test_a_takeover_beaten_by_another_runs_again_and_sees_the_winner(
-    store: PostgresStore,
+    store: AsyncPostgresStore,
 ) -> None:
     """The snapshot has a record the claim could take over; another takeover commits first."""
     key = new_key()
@@ -473,7 +477,7 @@ async def test_a_takeover_beaten_by_another_runs_again_and_sees_the_winner(
 
 
 async def test_a_claim_that_never_gets_an_answer_is_store_unavailable(
-    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+    store: AsyncPostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
 
@@ -513,8 +517,8 @@ async def test_statements_are_prepared_by_default_and_not_with_prepare_threshold
 )
 async def test_prepare_threshold_in_the_url(schema: str, query: str, expected: int | None) -> None:
     wire = Wire()
-    store = open_store(URL + query, schema=schema, configure=wire.configure)
-    assert isinstance(store, PostgresStore)
+    store = open_async_store(URL + query, schema=schema, configure=wire.configure)
+    assert isinstance(store, AsyncPostgresStore)
     try:
         assert store.prepare_threshold == expected
         await claimed(store, new_key())
@@ -527,16 +531,16 @@ async def test_prepare_threshold_in_the_url(schema: str, query: str, expected: i
 
 
 def test_prepare_threshold_given_as_an_option_wins_and_bad_values_are_refused() -> None:
-    given = PostgresStore.from_url(URL + "?prepare_threshold=none", prepare_threshold=2)
+    given = AsyncPostgresStore.from_url(URL + "?prepare_threshold=none", prepare_threshold=2)
     assert given.prepare_threshold == 2
-    assert PostgresStore.from_url(URL, prepare_threshold="none").prepare_threshold is None
-    assert PostgresStore.from_url(URL, prepare_threshold="5").prepare_threshold == 5
+    assert AsyncPostgresStore.from_url(URL, prepare_threshold="none").prepare_threshold is None
+    assert AsyncPostgresStore.from_url(URL, prepare_threshold="5").prepare_threshold == 5
     for bad in ("-1", "soon"):
         with pytest.raises(ConfigurationError, match="prepare_threshold"):
-            PostgresStore.from_url(URL + f"?prepare_threshold={bad}")
+            AsyncPostgresStore.from_url(URL + f"?prepare_threshold={bad}")
     for value in (-1, 1.5, True):
         with pytest.raises(ConfigurationError, match="prepare_threshold"):
-            PostgresStore(URL, prepare_threshold=value)  # type: ignore[arg-type]
+            AsyncPostgresStore(URL, prepare_threshold=value)  # type: ignore[arg-type]
 
 
 async def test_the_claim_race_runs_on_many_pool_connections(schema: str) -> None:
@@ -552,7 +556,7 @@ async def test_the_claim_race_runs_on_many_pool_connections(schema: str) -> None
 
 
 async def test_leases_are_judged_by_the_server_clock_not_the_hosts(
-    store: PostgresStore, monkeypatch: pytest.MonkeyPatch
+    store: AsyncPostgresStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # This host's clock runs an hour behind: a lease computed from it would already be over.
     real_time = time.time
@@ -585,7 +589,7 @@ async def test_stores_with_different_offsets_share_one_timeline(schema: str) -> 
 # Purge
 
 
-async def insert_expired(store: PostgresStore, count: int) -> None:
+async def insert_expired(store: AsyncPostgresStore, count: int) -> None:
     """``count`` completed records whose forget_at has passed, written in one statement."""
     await store.migrate()
     async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as conn:
@@ -600,7 +604,7 @@ async def insert_expired(store: PostgresStore, count: int) -> None:
         )
 
 
-async def test_purge_works_in_batches_up_to_its_limit(store: PostgresStore) -> None:
+async def test_purge_works_in_batches_up_to_its_limit(store: AsyncPostgresStore) -> None:
     total = PURGE_BATCH * 2 + 100
     await insert_expired(store, total)
     assert await store.purge(limit=PURGE_BATCH * 2 + 50) == PURGE_BATCH * 2 + 50
@@ -608,7 +612,9 @@ async def test_purge_works_in_batches_up_to_its_limit(store: PostgresStore) -> N
     assert await store.purge() == 0
 
 
-async def test_purge_skips_rows_that_others_hold_instead_of_waiting(store: PostgresStore) -> None:
+async def test_purge_skips_rows_that_others_hold_instead_of_waiting(
+    store: AsyncPostgresStore,
+) -> None:
     await insert_expired(store, 3)
     table = sql.Identifier(store.schema, store.table)
     async with await psycopg.AsyncConnection.connect(URL) as holder:
@@ -626,7 +632,7 @@ async def test_purge_skips_rows_that_others_hold_instead_of_waiting(store: Postg
 
 
 async def test_release_keeps_recovery_points_and_the_retry_resumes_from_them(
-    store: PostgresStore,
+    store: AsyncPostgresStore,
 ) -> None:
     key = new_key()
     first = await claimed(store, key, lease=60)
@@ -643,7 +649,7 @@ async def test_release_keeps_recovery_points_and_the_retry_resumes_from_them(
 
 
 async def test_phases_and_the_response_commit_with_the_handlers_transaction(
-    store: PostgresStore,
+    store: AsyncPostgresStore,
 ) -> None:
     key = new_key()
     won = await claimed(store, key)
@@ -676,7 +682,7 @@ async def test_phases_and_the_response_commit_with_the_handlers_transaction(
 
 
 async def test_an_unreachable_server_is_store_unavailable() -> None:
-    store = PostgresStore("postgresql://postgres@127.0.0.1:1/test", connect_timeout=1)
+    store = AsyncPostgresStore("postgresql://postgres@127.0.0.1:1/test", connect_timeout=1)
     try:
         with pytest.raises(StoreUnavailable) as raised:
             await store.claim(new_key(), FP, lease=10)
@@ -713,7 +719,7 @@ async def test_a_statement_timeout_and_a_full_pool_are_store_unavailable(schema:
 
 
 async def test_a_claim_survives_pooled_connections_killed_by_the_server(
-    store: PostgresStore, schema: str
+    store: AsyncPostgresStore, schema: str
 ) -> None:
     """After the server drops the pooled connections (a restart, a cut), claims still work."""
     await claimed(store, new_key())  # opens the pool; its connection last ran our claim

@@ -21,7 +21,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-import oncely.stores.redis as redis_module
+import oncely.stores._async.redis as redis_driver
+import oncely.stores._redis_lua as redis_module
 from oncely import (
     Claimed,
     ConfigurationError,
@@ -29,10 +30,10 @@ from oncely import (
     State,
     StoredResponse,
     StoreUnavailable,
-    open_store,
+    open_async_store,
 )
 from oncely._codec import encode_response
-from oncely.stores.redis import RedisStore
+from oncely.stores.redis import AsyncRedisStore
 
 from .backend_redis import REDIS_URL, delete_prefix, redis_store
 
@@ -57,7 +58,7 @@ def response(body: bytes = b'{"id":"pay_1"}', status: int = 201) -> StoredRespon
 
 
 @pytest.fixture
-async def store() -> AsyncIterator[RedisStore]:
+async def store() -> AsyncIterator[AsyncRedisStore]:
     made = await redis_store()
     try:
         yield made
@@ -76,13 +77,13 @@ async def admin() -> AsyncIterator[redis.asyncio.Redis]:
         await client.aclose()
 
 
-async def claim(store: RedisStore, key: str, fp: str = FP, lease: float = 60) -> Claimed:
+async def claim(store: AsyncRedisStore, key: str, fp: str = FP, lease: float = 60) -> Claimed:
     result = await store.claim(key, fp, lease=lease)
     assert isinstance(result, Claimed), result
     return result
 
 
-async def server_now(store: RedisStore) -> float:
+async def server_now(store: AsyncRedisStore) -> float:
     seconds, micros = await store.client.time()
     return seconds + micros / 1_000_000 + store.time_offset
 
@@ -148,7 +149,7 @@ needs_standalone = pytest.mark.skipif(
 
 
 async def test_records_live_under_the_prefix_and_expire_with_forget_at(
-    store: RedisStore, admin: redis.asyncio.Redis
+    store: AsyncRedisStore, admin: redis.asyncio.Redis
 ) -> None:
     key = new_key()
     won = await claim(store, key, lease=30)
@@ -184,7 +185,7 @@ async def test_records_live_under_the_prefix_and_expire_with_forget_at(
     }
 
 
-async def test_the_offset_moves_the_clock_and_the_expiry_follows_it(store: RedisStore) -> None:
+async def test_the_offset_moves_the_clock_and_the_expiry_follows_it(store: AsyncRedisStore) -> None:
     before = await server_now(store)
     store.time_offset += 3600
     key = new_key()
@@ -201,7 +202,7 @@ async def test_the_offset_moves_the_clock_and_the_expiry_follows_it(store: Redis
     assert 18_000 < pttl <= 20_000
 
 
-async def test_a_forgotten_record_disappears_by_itself(store: RedisStore) -> None:
+async def test_a_forgotten_record_disappears_by_itself(store: AsyncRedisStore) -> None:
     key = new_key()
     won = await claim(store, key)
     assert await store.complete(won, response(), ttl=0.05, tombstone_ttl=0.05)
@@ -215,7 +216,7 @@ async def test_a_forgotten_record_disappears_by_itself(store: RedisStore) -> Non
 
 @needs_standalone
 async def test_every_operation_is_one_round_trip(
-    store: RedisStore, admin: redis.asyncio.Redis
+    store: AsyncRedisStore, admin: redis.asyncio.Redis
 ) -> None:
     traffic = Traffic(admin)
     # Warm up: open the connection and let the server learn the scripts.
@@ -265,7 +266,7 @@ async def test_every_operation_is_one_round_trip(
     assert seen.record.response == response()
 
 
-async def test_two_prefixes_do_not_see_each_other(store: RedisStore) -> None:
+async def test_two_prefixes_do_not_see_each_other(store: AsyncRedisStore) -> None:
     other = await redis_store()
     try:
         key = new_key()
@@ -287,7 +288,7 @@ async def test_two_prefixes_do_not_see_each_other(store: RedisStore) -> None:
         await other.aclose()
 
 
-async def test_the_stored_response_is_the_codec_bytes(store: RedisStore) -> None:
+async def test_the_stored_response_is_the_codec_bytes(store: AsyncRedisStore) -> None:
     key = new_key()
     won = await claim(store, key)
     kept = StoredResponse(
@@ -300,7 +301,7 @@ async def test_the_stored_response_is_the_codec_bytes(store: RedisStore) -> None
     assert raw.endswith(b"\0" + BINARY)
 
 
-async def test_binary_bodies_survive(store: RedisStore) -> None:
+async def test_binary_bodies_survive(store: AsyncRedisStore) -> None:
     for body in (BINARY, b"", b"\0", b"\xff" * 70_000, bytes(range(256))[::-1]):
         key = new_key()
         won = await claim(store, key)
@@ -315,7 +316,7 @@ async def test_binary_bodies_survive(store: RedisStore) -> None:
         assert record.response == response(body, 200)
 
 
-async def test_times_are_kept_exactly(store: RedisStore) -> None:
+async def test_times_are_kept_exactly(store: AsyncRedisStore) -> None:
     key = new_key()
     won = await claim(store, key, lease=12.345678)
     record = await store.get(key)
@@ -325,7 +326,7 @@ async def test_times_are_kept_exactly(store: RedisStore) -> None:
     assert record.lease_until % 1 != 0  # microseconds survive
 
 
-async def test_recovery_points_survive_release_and_takeover(store: RedisStore) -> None:
+async def test_recovery_points_survive_release_and_takeover(store: AsyncRedisStore) -> None:
     key = new_key()
     first = await claim(store, key)
     assert await store.record_phase(first, "created", '{"id":"pay_1"}')
@@ -344,7 +345,7 @@ async def test_recovery_points_survive_release_and_takeover(store: RedisStore) -
     assert isinstance(other, Existing)  # another request may not take the key over
 
 
-async def test_purge_leaves_other_keys_under_the_prefix_alone(store: RedisStore) -> None:
+async def test_purge_leaves_other_keys_under_the_prefix_alone(store: AsyncRedisStore) -> None:
     await store.client.set(store.prefix + "a-string", b"x")
     await store.client.hset(store.prefix + "a-hash", mapping={"forget_at": "0"})
     won = await claim(store, new_key())
@@ -355,7 +356,7 @@ async def test_purge_leaves_other_keys_under_the_prefix_alone(store: RedisStore)
     assert await store.client.hget(store.prefix + "a-hash", "forget_at") == b"0"
 
 
-async def test_purge_strips_only_expired_bodies(store: RedisStore) -> None:
+async def test_purge_strips_only_expired_bodies(store: AsyncRedisStore) -> None:
     tomb, live = new_key(), new_key()
     for key, ttl in ((tomb, 10.0), (live, 1000.0)):
         won = await claim(store, key)
@@ -371,10 +372,10 @@ async def test_purge_strips_only_expired_bodies(store: RedisStore) -> None:
 
 
 async def test_a_resent_claim_owns_the_key_it_wrote(
-    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    store: AsyncRedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What the client's retry after a lost answer does: the same script with the same token.
-    monkeypatch.setattr(redis_module, "new_token", lambda: "f" * 32)
+    monkeypatch.setattr(redis_driver, "new_token", lambda: "f" * 32)
     key = new_key()
     first = await claim(store, key)
     second = await claim(store, key)
@@ -386,7 +387,7 @@ async def test_a_resent_claim_owns_the_key_it_wrote(
 
 
 async def test_a_winning_claim_is_answered_without_the_record(
-    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    store: AsyncRedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     replies: list[Any] = []
     run = store._eval
@@ -420,13 +421,13 @@ async def test_a_winning_claim_is_answered_without_the_record(
 
 @needs_standalone
 async def test_a_script_the_server_does_not_know_is_sent_whole_once(
-    store: RedisStore, admin: redis.asyncio.Redis
+    store: AsyncRedisStore, admin: redis.asyncio.Redis
 ) -> None:
     traffic = Traffic(admin)
     await claim(store, new_key())  # the connection is open
     for _ in range(5):
         # A script text of its own, so that no other client has loaded it.
-        store._claim = redis_module._Script(redis_module._CLAIM + f"-- {new_key()}\n")
+        store._claim = redis_module.Script(redis_module.CLAIM + f"-- {new_key()}\n")
         won, first = await traffic.measure(store.claim(new_key(), FP, lease=60))
         assert isinstance(won, Claimed)
         if first.reads == 2:
@@ -457,7 +458,7 @@ async def test_scripts_use_at_most_as_many_connections_as_the_pool_allows(
     admin: redis.asyncio.Redis,
 ) -> None:
     name = f"oncely-test-{new_key()}"
-    store = RedisStore(named_client(name, max_connections=3), prefix=f"oncely-test:{name}:")
+    store = AsyncRedisStore(named_client(name, max_connections=3), prefix=f"oncely-test:{name}:")
     try:
         results = await asyncio.gather(*(store.claim(new_key(), FP, lease=60) for _ in range(40)))
         assert all(isinstance(r, Claimed) for r in results)
@@ -479,7 +480,7 @@ async def test_with_every_connection_busy_a_call_waits_then_gives_up(
     client = redis.asyncio.Redis.from_pool(
         redis.asyncio.BlockingConnectionPool.from_url(NODE_URL, max_connections=1, timeout=0.2)
     )
-    store = RedisStore(client, prefix=f"oncely-test:{new_key()}:")
+    store = AsyncRedisStore(client, prefix=f"oncely-test:{new_key()}:")
     connections = store._connections
     assert connections is not None
     try:
@@ -503,7 +504,7 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_without_an_
 ) -> None:
     name = f"oncely-test-{new_key()}"
     # No retries: the replacement is the store's doing, not a retry of a failed command.
-    store = RedisStore(
+    store = AsyncRedisStore(
         named_client(name, retry=Retry(NoBackoff(), 0)), prefix=f"oncely-test:{name}:"
     )
     try:
@@ -519,7 +520,7 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced_without_an_
         await store.aclose()
 
 
-async def test_calls_cut_short_leave_no_answer_behind_for_the_next(store: RedisStore) -> None:
+async def test_calls_cut_short_leave_no_answer_behind_for_the_next(store: AsyncRedisStore) -> None:
     # Cancelled at every point of their round trip (before sending, while the server runs the
     # script, while the answer comes in), calls must not leave an answer on a connection for a
     # later call to take as its own.
@@ -550,7 +551,7 @@ async def test_an_unreachable_server_is_store_unavailable() -> None:
     client = redis.asyncio.Redis(
         host="127.0.0.1", port=closed_port(), socket_connect_timeout=1, retry=Retry(NoBackoff(), 0)
     )
-    store = RedisStore(client, prefix="oncely-test:unreachable:")
+    store = AsyncRedisStore(client, prefix="oncely-test:unreachable:")
     try:
         with pytest.raises(StoreUnavailable) as caught:
             await store.claim(new_key(), FP, lease=60)
@@ -575,7 +576,7 @@ async def test_a_server_that_does_not_answer_in_time_is_store_unavailable(
     client = redis.asyncio.Redis.from_url(
         REDIS_URL, socket_timeout=0.05, retry=Retry(NoBackoff(), 0)
     )
-    store = RedisStore(client, prefix="oncely-test:paused:")
+    store = AsyncRedisStore(client, prefix="oncely-test:paused:")
     try:
         await client.ping()
         await admin.client_pause(300)
@@ -589,15 +590,15 @@ async def test_a_server_that_does_not_answer_in_time_is_store_unavailable(
 
 
 async def test_urls_and_options() -> None:
-    store = open_store("redis://127.0.0.1:6379/0", prefix="p:", time_offset=5.0)
-    assert isinstance(store, RedisStore)
+    store = open_async_store("redis://127.0.0.1:6379/0", prefix="p:", time_offset=5.0)
+    assert isinstance(store, AsyncRedisStore)
     assert isinstance(store.client, redis.asyncio.Redis)
     assert (store.prefix, store.time_offset) == ("p:", 5.0)
     await store.aclose()
     # The +cluster forms make a cluster client (it connects on first use).
     for url in ("redis+cluster://127.0.0.1:7000", "rediss+cluster://u:p@127.0.0.1:7000"):
-        store = open_store(url)
-        assert isinstance(store, RedisStore)
+        store = open_async_store(url)
+        assert isinstance(store, AsyncRedisStore)
         assert isinstance(store.client, RedisCluster)
         assert store.prefix == "oncely:"
         await store.aclose()
@@ -607,13 +608,13 @@ async def test_urls_and_options() -> None:
         "redis:nohost",
     ):
         with pytest.raises(ConfigurationError):
-            open_store(url)
+            open_async_store(url)
 
 
 async def test_a_client_that_decodes_responses_is_refused() -> None:
     client = redis.asyncio.Redis.from_url(NODE_URL, decode_responses=True)
     try:
         with pytest.raises(ValueError, match="decode_responses=False"):
-            RedisStore(client)
+            AsyncRedisStore(client)
     finally:
         await client.aclose()

@@ -37,7 +37,7 @@ from oncely import (
     LeaseLost,
     Route,
     current_attempt,
-    open_store,
+    open_async_store,
 )
 from oncely import Request as OncelyRequest
 from oncely.asgi import IdempotencyMiddleware
@@ -527,7 +527,7 @@ def create_app(settings: Settings) -> Service:
         latency_ms=settings.card_latency_ms,
         failure_rate=settings.card_failure_rate,
     )
-    store = open_store(settings.store, **store_options)
+    store = open_async_store(settings.store, **store_options)
     handlers = Handlers(db, network, store, Faults(settings))
     service: Service | None = None
 

@@ -7,9 +7,13 @@
   the row. The caller owns the key exactly when the returned token is the one it proposed.
 - ``complete``, ``release`` and ``renew`` are single UPDATE/DELETE statements guarded by the
   fencing token.
-- Statements run on one worker thread per store, so the event loop never waits on the file lock;
-  a repeat of a completed or running request is answered by a read, without the write lock.
+- :class:`SQLiteStore` is the sync side and the implementation: each thread that uses it gets a
+  connection of its own. :class:`AsyncSQLiteStore` runs the same store on one worker thread, so
+  the event loop never waits on the file lock.
+- A repeat of a completed or running request is answered by a read, without the write lock.
   Time is the host's clock (``clock``, injectable for tests): every process on the host shares it.
+- Any failure of ``sqlite3`` (a lock held past ``busy_timeout``, a full disk, a bad file) is
+  raised as :class:`oncely.StoreUnavailable`, on both sides.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,15 +33,15 @@ from .._codec import (
     Claimed,
     Existing,
     Record,
-    State,
     StoredResponse,
     encode_response,
     record_from_columns,
 )
 from .._errors import ConfigurationError, StoreUnavailable
-from ._rules import ABANDONED_RETENTION, new_token
+from ._over_sync import AsyncOverSync
+from ._rules import ABANDONED_RETENTION, claimable, new_token
 
-__all__ = ["SQLiteStore"]
+__all__ = ["AsyncSQLiteStore", "SQLiteStore"]
 
 T = TypeVar("T")
 
@@ -97,17 +102,6 @@ def _record(row: tuple[Any, ...]) -> Record:
     return record_from_columns(row, json.loads(row[9]))
 
 
-def _claimable(record: Record, fingerprint: str, now: float) -> bool:
-    """The claim rule's condition to win over an existing record (stores/_rules.py)."""
-    if record.forget_at <= now:
-        return True
-    return (
-        record.state is State.IN_FLIGHT
-        and record.lease_until <= now
-        and record.fingerprint == fingerprint
-    )
-
-
 def _path_of(url: str) -> str:
     rest = url.split(":", 1)[1]
     if rest.startswith("///"):
@@ -120,7 +114,7 @@ def _path_of(url: str) -> str:
 
 
 class SQLiteStore:
-    """Idempotency records in a SQLite file (``sqlite:PATH``).
+    """Idempotency records in a SQLite file (``sqlite:PATH``), the sync side; safe for threads.
 
     Also a :class:`oncely.TransactionalStore`: recovery points and the response can be written
     by the handler's own ``sqlite3`` connection to the same file, inside its transaction.
@@ -150,15 +144,27 @@ class SQLiteStore:
         self._synchronous = synchronous.upper()
         self._claim_sql = _claim_sql(table)
         self._get_sql = f"SELECT {_COLUMNS} FROM {table} WHERE key = ?"
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncely-sqlite")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> SQLiteStore:
+    def from_url(cls, url: str, /, **options: Any) -> SQLiteStore:
         return cls(_path_of(url), **options)
 
-    # The synchronous core: each method runs on the worker thread (or, later, a WSGI thread).
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, table={self.table!r})"
+
+    @contextmanager
+    def _edge(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection; any failure in the block is the store's one error."""
+        try:
+            yield self._conn()
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # sqlite3.Error, a full disk, a file that is not a database ...
+            raise StoreUnavailable(
+                f"SQLite store {self.path!r} failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -198,33 +204,40 @@ class SQLiteStore:
                     raise
                 time.sleep(0.005)
 
-    def claim_sync(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+    def migrate(self) -> None:
+        """Create the table and its index now (they are also created on first use)."""
+        with self._edge():
+            pass
+
+    def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+        with self._edge() as conn:
+            return self._claim(conn, key, fingerprint, lease=lease)
+
+    def _claim(
+        self, conn: sqlite3.Connection, key: str, fingerprint: str, *, lease: float
+    ) -> Claimed | Existing:
         now = self._clock()
         # A repeat of a completed or running request is the common case, and a read answers it
         # without taking the write lock. Whether the key is won is still decided by the single
         # UPSERT below, atomically; this read only spares it when it could not win.
-        row = self._conn().execute(self._get_sql, (key,)).fetchone()
+        row = conn.execute(self._get_sql, (key,)).fetchone()
         if row is not None:
             seen = _record(row)
-            if not _claimable(seen, fingerprint, now):
+            if not claimable(seen, fingerprint, now):
                 return Existing(seen, now)
         token = new_token()
         lease_until = now + lease
-        row = (
-            self._conn()
-            .execute(
-                self._claim_sql,
-                {
-                    "key": key,
-                    "fp": fingerprint,
-                    "token": token,
-                    "lease_until": lease_until,
-                    "forget_at": lease_until + ABANDONED_RETENTION,
-                    "now": now,
-                },
-            )
-            .fetchone()
-        )
+        row = conn.execute(
+            self._claim_sql,
+            {
+                "key": key,
+                "fp": fingerprint,
+                "token": token,
+                "lease_until": lease_until,
+                "forget_at": lease_until + ABANDONED_RETENTION,
+                "now": now,
+            },
+        ).fetchone()
         record = _record(row)
         if record.token != token:
             return Existing(record, now)
@@ -269,18 +282,24 @@ class SQLiteStore:
         )
         return sql, {"name": name, "data": data, "key": claim.key, "token": claim.token}
 
-    def complete_sync(
+    def complete(
         self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
     ) -> bool:
         sql, params = self.complete_statement(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
-        return int(self._conn().execute(sql, params).rowcount) == 1
+        with self._edge() as conn:
+            return int(conn.execute(sql, params).rowcount) == 1
 
-    def record_phase_sync(self, claim: Claimed, name: str, data: str) -> bool:
+    def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
+        """Append recovery point (name, data JSON) while ``claim`` owns the key."""
         sql, params = self.phase_statement(claim, name, data)
-        return int(self._conn().execute(sql, params).rowcount) == 1
+        with self._edge() as conn:
+            return int(conn.execute(sql, params).rowcount) == 1
 
-    def release_sync(self, claim: Claimed) -> bool:
-        conn = self._conn()
+    def release(self, claim: Claimed) -> bool:
+        with self._edge() as conn:
+            return self._release(conn, claim)
+
+    def _release(self, conn: sqlite3.Connection, claim: Claimed) -> bool:
         cur = conn.execute(
             f"DELETE FROM {self.table} WHERE key = ? AND token = ? AND state = 'in_flight' "
             "AND phases = '[]'",
@@ -297,22 +316,28 @@ class SQLiteStore:
         )
         return cur.rowcount == 1
 
-    def renew_sync(self, claim: Claimed, *, lease: float) -> bool:
+    def renew(self, claim: Claimed, *, lease: float) -> bool:
         lease_until = self._clock() + lease
-        cur = self._conn().execute(
-            f"UPDATE {self.table} SET lease_until = ?, expires_at = ?, "
-            "forget_at = max(forget_at, ?) WHERE key = ? AND token = ? AND state = 'in_flight'",
-            (lease_until, lease_until, lease_until + ABANDONED_RETENTION, claim.key, claim.token),
-        )
-        return cur.rowcount == 1
+        forget_at = lease_until + ABANDONED_RETENTION
+        with self._edge() as conn:
+            cur = conn.execute(
+                f"UPDATE {self.table} SET lease_until = ?, expires_at = ?, forget_at = "
+                "max(forget_at, ?) WHERE key = ? AND token = ? AND state = 'in_flight'",
+                (lease_until, lease_until, forget_at, claim.key, claim.token),
+            )
+            return cur.rowcount == 1
 
-    def get_sync(self, key: str) -> Record | None:
-        row = self._conn().execute(self._get_sql, (key,)).fetchone()
+    def get(self, key: str) -> Record | None:
+        with self._edge() as conn:
+            row = conn.execute(self._get_sql, (key,)).fetchone()
         return None if row is None else _record(row)
 
-    def purge_sync(self, *, limit: int = 1000) -> int:
+    def purge(self, *, limit: int = 1000) -> int:
+        with self._edge() as conn:
+            return self._purge(conn, limit)
+
+    def _purge(self, conn: sqlite3.Connection, limit: int) -> int:
         now = self._clock()
-        conn = self._conn()
         cur = conn.execute(
             f"DELETE FROM {self.table} WHERE key IN "
             f"(SELECT key FROM {self.table} WHERE forget_at <= ? LIMIT ?)",
@@ -333,9 +358,31 @@ class SQLiteStore:
         self._connections.clear()
         self._local = threading.local()
 
-    # The async surface: the same statements on the worker thread.
 
-    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+class AsyncSQLiteStore(AsyncOverSync[SQLiteStore]):
+    """The async side of :class:`SQLiteStore`: the same store, run on one worker thread.
+
+    Takes the same arguments. Also a :class:`oncely.TransactionalStore`, as the sync side.
+    """
+
+    dialect = "sqlite"
+    # Waits are bounded by busy_timeout; the driver needs no timer of its own around them.
+    in_process = True
+
+    def __init__(self, path: str | Path, **options: Any) -> None:
+        super().__init__(SQLiteStore(path, **options))
+        self.path, self.table = self.sync.path, self.sync.table
+        self._wait = self.sync._busy_ms / 1000 + 1  # busy_timeout, plus a second for the queue
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncely-sqlite")
+
+    @classmethod
+    def from_url(cls, url: str, /, **options: Any) -> AsyncSQLiteStore:
+        return cls(_path_of(url), **options)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r}, table={self.table!r})"
+
+    async def _call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the worker thread, so the event loop never waits for the file lock.
 
         The wait is bounded here (busy_timeout, plus a second for the queue), so the driver
@@ -343,44 +390,31 @@ class SQLiteStore:
         """
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._busy_ms / 1000 + 1):
+            async with asyncio.timeout(self._wait):
                 return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         except TimeoutError as exc:
             raise StoreUnavailable(f"SQLite store {self.path!r} is locked by a writer") from exc
-        except Exception as exc:  # sqlite3.Error, an executor shut down, a full disk ...
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # an executor shut down ...
             raise StoreUnavailable(
                 f"SQLite store {self.path!r} failed: {type(exc).__name__}: {exc}"
             ) from exc
 
+    def complete_statement(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> tuple[str, dict[str, Any]]:
+        """The completing UPDATE, for this store or for a handler's own transaction."""
+        return self.sync.complete_statement(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
+
+    def phase_statement(self, claim: Claimed, name: str, data: str) -> tuple[str, dict[str, Any]]:
+        """The UPDATE that appends recovery point (name, data JSON) while ``claim`` owns the key."""
+        return self.sync.phase_statement(claim, name, data)
+
     async def migrate(self) -> None:
         """Create the table and its index now (they are also created on first use)."""
-        await self._run(self._conn)
-
-    async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
-        return await self._run(self.claim_sync, key, fingerprint, lease=lease)
-
-    async def complete(
-        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
-    ) -> bool:
-        return await self._run(
-            self.complete_sync, claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl
-        )
-
-    async def release(self, claim: Claimed) -> bool:
-        return await self._run(self.release_sync, claim)
-
-    async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
-        return await self._run(self.record_phase_sync, claim, name, data)
-
-    async def renew(self, claim: Claimed, *, lease: float) -> bool:
-        return await self._run(self.renew_sync, claim, lease=lease)
-
-    async def get(self, key: str) -> Record | None:
-        return await self._run(self.get_sync, key)
-
-    async def purge(self, *, limit: int = 1000) -> int:
-        return await self._run(self.purge_sync, limit=limit)
+        await self._call(self.sync.migrate)
 
     async def aclose(self) -> None:
-        await self._run(self.close)
+        await self._call(self.sync.close)
         self._executor.shutdown(wait=False)

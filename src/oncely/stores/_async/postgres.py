@@ -1,0 +1,377 @@
+"""The PostgreSQL store's driver, async side: psycopg's AsyncConnection and AsyncConnectionPool.
+
+``stores/_sync/postgres.py`` is generated from ``stores/_async/postgres.py`` by
+``scripts/unasync.py``: only the async file is edited by hand. The statements are those of
+``stores/_postgres_sql.py``; see ``oncely/stores/postgres.py`` for the store as a whole.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
+
+from ..._codec import Claimed, Existing, Record, StoredResponse, encode_response
+from ..._errors import ConfigurationError, StoreUnavailable
+from .._postgres_sql import (
+    CLAIM_TRIES,
+    PURGE_BATCH,
+    claim_params,
+    claim_result,
+    record_from_row,
+    render_statements,
+    take_query_option,
+    threshold_from_text,
+)
+from .._rules import ABANDONED_RETENTION, new_token
+from ._io import Lock, promptly
+
+__all__ = ["AsyncPostgresStore"]
+
+ConfigureCallback = Callable[["psycopg.AsyncConnection[Any]"], Awaitable[None]]
+
+
+class _PromptAttempt(AttemptWithBackoff):
+    """Reconnection attempts 0.1 s apart at first, doubling to 1 s at most.
+
+    psycopg's pool doubles from 1 s without bound: after a server outage of 8 s its next try
+    came about 7 s after the server was back, past the lease of a request whose outcome was
+    waiting to be written, and the retry after that lease ran the request a second time.
+    """
+
+    INITIAL_DELAY = 0.1
+    MAX_DELAY = 1.0
+
+    def update_delay(self, now: float) -> None:
+        super().update_delay(now)
+        self.delay = min(self.delay, self.MAX_DELAY)
+
+
+class _Pool(AsyncConnectionPool[Any]):
+    """psycopg's pool, reconnecting promptly once the server is back (see _PromptAttempt)."""
+
+    async def _add_connection(
+        self, attempt: AttemptWithBackoff | None, growing: bool = False
+    ) -> None:
+        await super()._add_connection(
+            attempt or _PromptAttempt(timeout=self.reconnect_timeout), growing=growing
+        )
+
+
+class AsyncPostgresStore:
+    """Idempotency records in a PostgreSQL table (``postgresql://…``); see the module docstring.
+
+    Options: ``schema`` and ``table`` name the table; ``min_size`` and ``max_size`` bound the
+    connection pool, opened on first use; ``pool_timeout`` is how long an operation waits for a
+    free connection, ``connect_timeout`` how long a new connection may take (the URL's own
+    ``connect_timeout`` wins when this is not given); ``statement_timeout`` (seconds, unset by
+    default) is sent as a startup parameter; ``time_offset`` is added to the server's clock;
+    ``configure`` is awaited with each new connection (it must leave no session state behind if
+    the store sits behind PgBouncer); ``prepare_threshold`` (0 by default, ``None`` for none) is
+    how many times a statement runs on a connection before it is prepared on the server (see the
+    module docstring about PgBouncer). :meth:`from_url` also reads it from the URL's query,
+    ``?prepare_threshold=none`` or a count.
+
+    Also a :class:`oncely.TransactionalStore`: recovery points and the response can be written
+    by the handler's own psycopg (or SQLAlchemy) connection to the same database, inside its
+    transaction.
+    """
+
+    dialect = "postgresql"
+    # Every operation is a network round trip: a driver bounds it with its store_timeout.
+    in_process = False
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str = "public",
+        table: str = "oncely_records",
+        min_size: int = 1,
+        max_size: int = 10,
+        pool_timeout: float = 5.0,
+        connect_timeout: float | None = None,
+        statement_timeout: float | None = None,
+        time_offset: float = 0.0,
+        configure: ConfigureCallback | None = None,
+        prepare_threshold: int | None = 0,
+    ) -> None:
+        if min_size < 0 or max_size < 1 or max_size < min_size:
+            raise ConfigurationError(
+                f"pool sizes must satisfy 0 <= min_size <= max_size, 1 <= max_size; "
+                f"got min_size={min_size}, max_size={max_size}"
+            )
+        if pool_timeout <= 0:
+            raise ConfigurationError(f"pool_timeout must be positive, not {pool_timeout!r}")
+        if statement_timeout is not None and statement_timeout <= 0:
+            raise ConfigurationError(
+                f"statement_timeout must be positive or None, not {statement_timeout!r}"
+            )
+        if prepare_threshold is not None and (
+            not isinstance(prepare_threshold, int)
+            or isinstance(prepare_threshold, bool)
+            or prepare_threshold < 0
+        ):
+            raise ConfigurationError(
+                f"prepare_threshold must be a count >= 0 or None, not {prepare_threshold!r}"
+            )
+        try:
+            given = conninfo_to_dict(conninfo)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigurationError(f"not a PostgreSQL connection URL: {exc}") from None
+        self.schema = schema
+        self.table = table
+        self.time_offset = time_offset
+        self.statements = render_statements(schema, table)
+        self._conninfo = conninfo
+        self._min_size, self._max_size = min_size, max_size
+        self._pool_timeout = pool_timeout
+        self._configure = configure
+        self.prepare_threshold = prepare_threshold
+        kwargs: dict[str, Any] = {"autocommit": True, "prepare_threshold": prepare_threshold}
+        if connect_timeout is None:
+            in_url = given.get("connect_timeout")
+            connect_timeout = 5.0 if in_url is None else float(in_url)
+        kwargs["connect_timeout"] = max(1, math.ceil(connect_timeout))
+        if "application_name" not in given:
+            kwargs["application_name"] = "oncely"
+        if statement_timeout is not None:
+            option = f"-c statement_timeout={math.ceil(statement_timeout * 1000)}"
+            kwargs["options"] = f"{given['options']} {option}" if given.get("options") else option
+        self._kwargs = kwargs
+        self._open_timeout = float(kwargs["connect_timeout"])
+        self._pool: AsyncConnectionPool | None = None
+        self._ready = False
+        self._lock = Lock()
+
+    @classmethod
+    def from_url(cls, url: str, /, **options: Any) -> AsyncPostgresStore:
+        """A store for ``url``; ``prepare_threshold`` may be in its query (an option given here
+        wins), and is read from text as ``none`` or a count."""
+        url, in_url = take_query_option(url, "prepare_threshold")
+        if in_url is not None:
+            options.setdefault("prepare_threshold", in_url)
+        threshold = options.get("prepare_threshold")
+        if isinstance(threshold, str):
+            options["prepare_threshold"] = threshold_from_text(threshold)
+        return cls(url, **options)
+
+    def __repr__(self) -> str:
+        return f"AsyncPostgresStore(schema={self.schema!r}, table={self.table!r})"
+
+    # Connections: the pool opens on first use, and the table is made ready once per store.
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        """The one error of this store: whatever psycopg or its pool raised, the store could
+        not be used (not only ``psycopg.Error``: a closed transport under uvloop is a
+        ``RuntimeError``). Cancellation is not an ``Exception`` and passes through."""
+        if isinstance(exc, StoreUnavailable):
+            return exc
+        name = f"{self.schema}.{self.table}"
+        return StoreUnavailable(f"PostgreSQL store {name} failed: {type(exc).__name__}: {exc}")
+
+    async def _open(self) -> AsyncConnectionPool:
+        async with self._lock:
+            if self._pool is None:
+                pool = _Pool(
+                    self._conninfo,
+                    kwargs=self._kwargs,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    open=False,
+                    configure=self._configure,
+                    timeout=self._pool_timeout,
+                    name=f"oncely-{self.schema}.{self.table}",
+                )
+                try:
+                    await pool.open(wait=self._min_size > 0, timeout=self._open_timeout)
+                except BaseException:
+                    await pool.close()
+                    raise
+                self._pool = pool
+            if not self._ready:
+                async with self._pool.connection() as conn:
+                    await self._migrate(conn, only_if_missing=True)
+                self._ready = True
+            return self._pool
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        try:
+            pool = self._pool if self._ready and self._pool is not None else await self._open()
+            async with pool.connection() as conn:
+                yield conn
+        except Exception as exc:  # see _unavailable: any failure of the driver or the pool
+            raise self._unavailable(exc) from exc
+
+    async def _migrate(self, conn: psycopg.AsyncConnection[Any], *, only_if_missing: bool) -> None:
+        s = self.statements
+        names = {
+            "schema": s.schema,
+            "table": s.table,
+            "forget_index": s.forget_index,
+            "strip_index": s.strip_index,
+        }
+        if only_if_missing:
+            cur = await conn.execute(s.existing, names, prepare=False)
+            row = await cur.fetchone()
+            if row is not None and all(row):
+                return
+        async with conn.transaction():
+            await conn.execute(s.lock, {"lock": s.migrate_lock}, prepare=False)
+            cur = await conn.execute(s.existing, names, prepare=False)
+            row = await cur.fetchone()
+            assert row is not None
+            has_schema, has_table, has_forget, has_strip = row
+            if not has_schema:
+                await conn.execute(s.create_schema, prepare=False)
+            if not has_table:
+                await conn.execute(s.create_table, prepare=False)
+            if not has_forget:
+                await conn.execute(s.create_forget_index, prepare=False)
+            if not has_strip:
+                await conn.execute(s.create_strip_index, prepare=False)
+
+    async def migrate(self) -> None:
+        """Create the schema, table and indexes that are missing; safe to run at any time,
+        from several processes at once."""
+        async with self._connection() as conn:
+            await self._migrate(conn, only_if_missing=False)
+
+    async def _run(self, query: str, params: Mapping[str, Any], *, rows: bool) -> Any:
+        """One statement on a pooled connection: its first row (``rows``), else its row count.
+
+        The pool's ``getconn``/``putconn`` rather than its ``connection()`` context: in
+        autocommit there is no transaction to end on the way out, and ``putconn`` still discards
+        or resets a connection left broken or busy.
+        """
+        try:
+            pool = self._pool if self._ready and self._pool is not None else await self._open()
+            conn = await pool.getconn()
+            try:
+                cur = await conn.execute(query, params, binary=True)
+                return await cur.fetchone() if rows else cur.rowcount
+            finally:
+                await pool.putconn(conn)
+        except Exception as exc:  # see _unavailable: any failure of the driver or the pool
+            raise self._unavailable(exc) from exc
+
+    async def _fetchone(self, query: str, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = await promptly(self._run(query, params, rows=True))
+        return row
+
+    async def _rowcount(self, query: str, params: Mapping[str, Any]) -> int:
+        count: int = await promptly(self._run(query, params, rows=False))
+        return count
+
+    # The statements a handler runs on its own connection, in its own transaction
+    # (oncely.TransactionalStore): the same ones the store runs.
+
+    def complete_statement(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> tuple[str, dict[str, Any]]:
+        """The completing UPDATE, for this store or for a handler's own transaction."""
+        return self.statements.complete, {
+            "key": claim.key,
+            "token": claim.token,
+            "response": encode_response(response),
+            "ttl": float(ttl),
+            "tombstone_ttl": float(tombstone_ttl),
+            "offset": float(self.time_offset),
+        }
+
+    def phase_statement(self, claim: Claimed, name: str, data: str) -> tuple[str, dict[str, Any]]:
+        """The UPDATE that appends recovery point (name, data JSON) while ``claim`` owns the key."""
+        return self.statements.record_phase, {
+            "key": claim.key,
+            "token": claim.token,
+            "name": name,
+            "data": data,
+        }
+
+    # The store operations: one statement each (purge: one per batch).
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+        token = new_token()
+        params = claim_params(key, fingerprint, token, lease=lease, offset=self.time_offset)
+        for _ in range(CLAIM_TRIES):
+            try:
+                row = await self._fetchone(self.statements.claim, params)
+            except StoreUnavailable as exc:
+                # A pooled connection that died (a database restart, a cut) fails once; the pool
+                # drops it. Claiming again with the SAME token is safe: had the first statement
+                # landed, the row carries this token and the claim is recognised as ours.
+                cause = exc.__cause__
+                if not isinstance(cause, psycopg.OperationalError) or isinstance(
+                    cause, PoolTimeout | psycopg.errors.QueryCanceled
+                ):
+                    raise
+                row = await self._fetchone(self.statements.claim, params)
+            if row is not None:
+                return claim_result(row, token)
+            # No row: a claim committed after this statement's snapshot won the conflict. The
+            # next statement's snapshot sees it (see the module docstring).
+        raise StoreUnavailable(
+            f"PostgreSQL store {self.schema}.{self.table} failed: a claim found no answer in "
+            f"{CLAIM_TRIES} statements, as concurrent claims of its key kept committing"
+        )
+
+    async def complete(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        query, params = self.complete_statement(
+            claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl
+        )
+        return await self._rowcount(query, params) == 1
+
+    async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
+        """Append recovery point (name, data JSON) while ``claim`` owns the key."""
+        query, params = self.phase_statement(claim, name, data)
+        return await self._rowcount(query, params) == 1
+
+    async def release(self, claim: Claimed) -> bool:
+        params = {"key": claim.key, "token": claim.token, "offset": float(self.time_offset)}
+        row = await self._fetchone(self.statements.release, params)
+        return row is not None and row[0] == 1
+
+    async def renew(self, claim: Claimed, *, lease: float) -> bool:
+        params = {
+            "key": claim.key,
+            "token": claim.token,
+            "lease": float(lease),
+            "retention": ABANDONED_RETENTION,
+            "offset": float(self.time_offset),
+        }
+        return await self._rowcount(self.statements.renew, params) == 1
+
+    async def get(self, key: str) -> Record | None:
+        row = await self._fetchone(self.statements.get, {"key": key})
+        return None if row is None else record_from_row(row)
+
+    async def _batches(self, query: str, limit: int) -> int:
+        done = 0
+        while done < limit:
+            batch = min(PURGE_BATCH, limit - done)
+            params = {"batch": batch, "offset": float(self.time_offset)}
+            count = await self._rowcount(query, params)
+            done += count
+            if count < batch:
+                break
+        return done
+
+    async def purge(self, *, limit: int = 1000) -> int:
+        deleted = await self._batches(self.statements.purge_batch, limit)
+        await self._batches(self.statements.strip_batch, limit)
+        return deleted
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            pool, self._pool, self._ready = self._pool, None, False
+        if pool is not None:
+            await pool.close()

@@ -1,0 +1,362 @@
+"""The PostgreSQL store's SQL, rendered for one table, and its rows read back: shared by both sides.
+
+:class:`oncely.stores.postgres.AsyncPostgresStore` and its generated sync twin
+:class:`oncely.stores.postgres.PostgresStore` run exactly these statements; see
+``oncely/stores/postgres.py`` for what each does and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+from psycopg import sql
+
+from .._codec import Claimed, Existing, Record, record_from_columns
+from .._errors import ConfigurationError
+from ._rules import ABANDONED_RETENTION
+
+__all__ = [
+    "CLAIM_TRIES",
+    "PURGE_BATCH",
+    "Statements",
+    "claim_params",
+    "claim_result",
+    "record_from_row",
+    "render_statements",
+    "take_query_option",
+    "threshold_from_text",
+]
+
+# Claim statements one claim runs at most while claims committed concurrently keep it from an
+# answer (see the module docstring).
+CLAIM_TRIES = 5
+
+# Rows one purge statement deletes (or strips) at most: short statements, short row locks.
+PURGE_BATCH = 500
+
+_COLUMNS = (
+    "key, fingerprint, state, token, attempt, lease_until, expires_at, forget_at, response, phases"
+)
+
+# The server's clock in epoch seconds, moved by the store's time_offset. Each statement reads it
+# once: from a one-row CTE or FROM item, or as an uncorrelated subquery (which can bound an index
+# scan). CAST is written out rather than `::`, so that the statements a handler runs through
+# SQLAlchemy (where %(name)s becomes :name) stay unambiguous.
+_CLOCK = (
+    "CAST(extract(epoch FROM clock_timestamp()) AS double precision) "
+    "+ CAST(%(offset)s AS double precision)"
+)
+
+_CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {schema}"
+
+_CREATE_TABLE = """
+CREATE TABLE IF NOT EXISTS {table} (
+    key         text COLLATE "C" PRIMARY KEY,
+    fingerprint text NOT NULL,
+    state       text NOT NULL CHECK (state IN ('in_flight', 'completed')),
+    token       text NOT NULL,
+    attempt     integer NOT NULL,
+    lease_until double precision NOT NULL,
+    expires_at  double precision NOT NULL,
+    forget_at   double precision NOT NULL,
+    response    bytea,
+    phases      jsonb NOT NULL DEFAULT '[]'
+)
+"""
+
+_CREATE_FORGET_INDEX = "CREATE INDEX IF NOT EXISTS {forget_index} ON {table} (forget_at)"
+
+# Completed records that still hold a body, by the end of their replay window (claims write
+# response = NULL, so only completed records are in it).
+_CREATE_STRIP_INDEX = (
+    "CREATE INDEX IF NOT EXISTS {strip_index} ON {table} (expires_at) WHERE response IS NOT NULL"
+)
+
+# Which of the store's objects exist: (schema, table, forget index, strip index).
+_EXISTING = """
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_namespace WHERE nspname = %(schema)s),
+       to_regclass(%(table)s) IS NOT NULL,
+       to_regclass(%(forget_index)s) IS NOT NULL,
+       to_regclass(%(strip_index)s) IS NOT NULL
+"""
+
+# Held until the end of the migrating transaction (fit for PgBouncer's transaction mode).
+_MIGRATE_LOCK = "SELECT pg_advisory_xact_lock(%(lock)s)"
+
+# The claim rule of stores/_rules.py in one statement; `clock` is read once.
+#   standing: the record under the key, when the caller cannot take it (a replay, a request in
+#             flight): it is the answer, and the INSERT does not run.
+#   won:      otherwise the key is taken: inserted, or, on a conflict, the newest committed row
+#             is overwritten when the caller wins against it (r.* is that row):
+#     fresh:    the old record is past forget_at: start over (attempt 1, no recovery points)
+#     takeover: in flight, lease expired, same fingerprint: new token, attempt + 1, phases kept
+# At most one of the two has a row. Neither does when a claim committed after the statement's
+# snapshot decides the conflict against the caller: the store runs the statement again.
+_CLAIM = """
+WITH clock AS MATERIALIZED (SELECT {clock} AS now),
+standing AS MATERIALIZED (
+    SELECT {columns} FROM {table} AS r
+    WHERE r.key = %(key)s AND NOT {win}
+),
+won AS (
+    INSERT INTO {table} AS r ({columns})
+    SELECT %(key)s, %(fp)s, 'in_flight', %(token)s, 1,
+           now + CAST(%(lease)s AS double precision),
+           now + CAST(%(lease)s AS double precision),
+           now + CAST(%(lease)s AS double precision) + CAST(%(retention)s AS double precision),
+           NULL, '[]'
+    FROM clock
+    WHERE NOT EXISTS (SELECT 1 FROM standing)
+    ON CONFLICT (key) DO UPDATE SET
+        fingerprint = excluded.fingerprint,
+        state       = 'in_flight',
+        token       = excluded.token,
+        attempt     = CASE WHEN {fresh} THEN 1 ELSE r.attempt + 1 END,
+        lease_until = excluded.lease_until,
+        expires_at  = excluded.expires_at,
+        forget_at   = excluded.forget_at,
+        response    = NULL,
+        phases      = CASE WHEN {fresh} THEN '[]' ELSE r.phases END
+    WHERE {win}
+    RETURNING {returning}
+)
+SELECT {columns}, (SELECT now FROM clock) FROM won
+UNION ALL
+SELECT {columns}, (SELECT now FROM clock) FROM standing
+"""
+_FRESH = "(r.forget_at <= (SELECT now FROM clock))"
+_TAKEOVER = (
+    "(r.state = 'in_flight' AND r.lease_until <= (SELECT now FROM clock) "
+    "AND r.fingerprint = %(fp)s)"
+)
+
+# Every write after a claim is fenced by the claim's token.
+_OWNED = "key = %(key)s AND token = %(token)s AND state = 'in_flight'"
+
+# Also run by handlers on their own connection, inside their transaction (TransactionalStore).
+# Idempotent for its own token: completing again (a retry after a lost reply) matches the row
+# and changes nothing, so the caller learns that its response is the one stored.
+_COMPLETE = """
+UPDATE {table}
+SET response = CASE WHEN state = 'in_flight' THEN %(response)s ELSE response END,
+    expires_at = CASE WHEN state = 'in_flight'
+        THEN clock.now + CAST(%(ttl)s AS double precision) ELSE expires_at END,
+    forget_at = CASE WHEN state = 'in_flight'
+        THEN clock.now + CAST(%(ttl)s AS double precision)
+             + CAST(%(tombstone_ttl)s AS double precision)
+        ELSE forget_at END,
+    state = 'completed'
+FROM (SELECT {clock} AS now) AS clock
+WHERE key = %(key)s AND token = %(token)s AND state IN ('in_flight', 'completed')
+"""
+
+_RECORD_PHASE = """
+UPDATE {table}
+SET phases = phases || jsonb_build_array(
+    jsonb_build_array(CAST(%(name)s AS text), CAST(%(data)s AS text)))
+WHERE {owned}
+"""
+
+# Without recovery points the record goes; with them, the lease ends now and they stay, so the
+# next claim takes over and resumes. The two conditions exclude each other, so at most one of
+# the CTEs touches the row.
+_RELEASE = """
+WITH gone AS (
+    DELETE FROM {table} WHERE {owned} AND phases = '[]' RETURNING 1
+), kept AS (
+    UPDATE {table} SET lease_until = clock.now, expires_at = clock.now
+    FROM (SELECT {clock} AS now) AS clock
+    WHERE {owned} AND phases <> '[]'
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM kept)
+"""
+
+_RENEW = """
+UPDATE {table}
+SET lease_until = clock.now + CAST(%(lease)s AS double precision),
+    expires_at = clock.now + CAST(%(lease)s AS double precision),
+    forget_at = greatest(
+        forget_at,
+        clock.now + CAST(%(lease)s AS double precision)
+        + CAST(%(retention)s AS double precision)
+    )
+FROM (SELECT {clock} AS now) AS clock
+WHERE {owned}
+"""
+
+_GET = "SELECT {columns} FROM {table} WHERE key = %(key)s"
+
+_PURGE_BATCH = """
+WITH doomed AS (
+    SELECT key FROM {table}
+    WHERE forget_at <= (SELECT {clock})
+    ORDER BY forget_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {table} AS r USING doomed WHERE r.key = doomed.key
+"""
+
+# Past the replay window a completed record keeps only its fingerprint (a tombstone).
+_STRIP_BATCH = """
+WITH stale AS (
+    SELECT key FROM {table}
+    WHERE response IS NOT NULL AND state = 'completed' AND expires_at <= (SELECT {clock})
+    ORDER BY expires_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {table} AS r SET response = NULL FROM stale WHERE r.key = stale.key
+"""
+
+# Index names derive from the table name and must fit PostgreSQL's 63-byte identifiers.
+_MAX_TABLE_BYTES = 63 - len("_expires_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """Every statement of the store, rendered for one schema and table (shared by any variant).
+
+    Parameters are psycopg's ``%(name)s``. ``table`` and the index names are also kept as quoted
+    strings, as ``to_regclass`` reads them.
+    """
+
+    schema: str
+    table: str
+    forget_index: str
+    strip_index: str
+    migrate_lock: int
+    create_schema: str
+    create_table: str
+    create_forget_index: str
+    create_strip_index: str
+    existing: str
+    lock: str
+    claim: str
+    complete: str
+    record_phase: str
+    release: str
+    renew: str
+    get: str
+    purge_batch: str
+    strip_batch: str
+
+
+def _check_identifier(what: str, name: str, max_bytes: int) -> None:
+    if not name or "\0" in name or len(name.encode()) > max_bytes:
+        raise ConfigurationError(
+            f"{what} name {name!r} must be 1 to {max_bytes} bytes long, without NUL"
+        )
+
+
+def render_statements(schema: str, table: str) -> Statements:
+    """The store's SQL for ``schema.table``, quoted with :class:`psycopg.sql.Identifier`."""
+    _check_identifier("schema", schema, 63)
+    _check_identifier("table", table, _MAX_TABLE_BYTES)
+    forget_index, strip_index = f"{table}_forget_at", f"{table}_expires_at"
+    names: dict[str, sql.Composable] = {
+        "schema": sql.Identifier(schema),
+        "table": sql.Identifier(schema, table),
+        "forget_index": sql.Identifier(forget_index),
+        "strip_index": sql.Identifier(strip_index),
+        "columns": sql.SQL(_COLUMNS),
+        "returning": sql.SQL(", ".join(f"r.{c.strip()}" for c in _COLUMNS.split(","))),
+        "owned": sql.SQL(_OWNED),
+        "clock": sql.SQL(_CLOCK),
+        "fresh": sql.SQL(_FRESH),
+        "takeover": sql.SQL(_TAKEOVER),
+        "win": sql.SQL(f"({_FRESH} OR {_TAKEOVER})"),
+    }
+
+    def render(template: str) -> str:
+        return sql.SQL(template).format(**names).as_string(None)
+
+    digest = hashlib.blake2b(f"oncely migrate {schema}".encode(), digest_size=8).digest()
+    return Statements(
+        schema=schema,
+        table=sql.Identifier(schema, table).as_string(None),
+        forget_index=sql.Identifier(schema, forget_index).as_string(None),
+        strip_index=sql.Identifier(schema, strip_index).as_string(None),
+        migrate_lock=int.from_bytes(digest, "big", signed=True),
+        create_schema=render(_CREATE_SCHEMA),
+        create_table=render(_CREATE_TABLE),
+        create_forget_index=render(_CREATE_FORGET_INDEX),
+        create_strip_index=render(_CREATE_STRIP_INDEX),
+        existing=render(_EXISTING),
+        lock=render(_MIGRATE_LOCK),
+        claim=render(_CLAIM),
+        complete=render(_COMPLETE),
+        record_phase=render(_RECORD_PHASE),
+        release=render(_RELEASE),
+        renew=render(_RENEW),
+        get=render(_GET),
+        purge_batch=render(_PURGE_BATCH),
+        strip_batch=render(_STRIP_BATCH),
+    )
+
+
+def record_from_row(row: tuple[Any, ...]) -> Record:
+    """A :class:`Record` from the first ten columns of a claim or get row."""
+    return record_from_columns(row, row[9])
+
+
+def claim_params(
+    key: str, fingerprint: str, token: str, *, lease: float, offset: float
+) -> dict[str, Any]:
+    return {
+        "key": key,
+        "fp": fingerprint,
+        "token": token,
+        "lease": float(lease),
+        "retention": ABANDONED_RETENTION,
+        "offset": float(offset),
+    }
+
+
+def claim_result(row: tuple[Any, ...], token: str) -> Claimed | Existing:
+    """What a claim that proposed ``token`` got, from the row the claim statement returned."""
+    record = record_from_row(row)
+    if record.token != token:
+        return Existing(record, float(row[10]))
+    return Claimed(
+        key=record.key,
+        fingerprint=record.fingerprint,
+        token=token,
+        attempt=record.attempt,
+        lease_until=record.lease_until,
+        phases=record.phases,
+    )
+
+
+def take_query_option(url: str, name: str) -> tuple[str, str | None]:
+    """``url`` without query parameter ``name``, and its last value (None when absent).
+
+    Only URLs (``postgresql://…``) have a query; the other parameters are kept as written.
+    """
+    base, mark, query = url.partition("?")
+    if not mark or "://" not in base:
+        return url, None
+    kept, value = [], None
+    for part in query.split("&"):
+        key, _, given = part.partition("=")
+        if unquote_plus(key) == name:
+            value = unquote_plus(given)
+        else:
+            kept.append(part)
+    return (f"{base}?{'&'.join(kept)}" if kept else base), value
+
+
+def threshold_from_text(text: str) -> int | None:
+    word = text.strip().lower()
+    if word in ("none", "null", "off", ""):
+        return None
+    try:
+        return int(word)
+    except ValueError:
+        raise ConfigurationError(
+            f"prepare_threshold must be a count >= 0 or none, not {text!r}"
+        ) from None
