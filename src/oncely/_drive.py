@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from ._codec import Claimed
 from ._errors import StoreUnavailable
@@ -39,7 +39,7 @@ from ._flow import (
     Run,
     Sleep,
 )
-from .stores import AsyncStore
+from .stores import AsyncStore, Store
 
 __all__ = ["BackgroundThreads", "BackgroundWrites", "adrive", "drive"]
 
@@ -335,7 +335,7 @@ class BackgroundThreads(_Writes[threading.Thread]):
 class _ThreadRenewal:
     """The lease renewed from a thread every third of it (see :class:`_AsyncRenewal`)."""
 
-    def __init__(self, store: Any, claim: Claimed, lease: Lease) -> None:
+    def __init__(self, store: Store, claim: Claimed, lease: Lease) -> None:
         self._store, self._claim, self._lease = store, claim, lease
         self._interval = max(lease.duration / 3, 0.05)
         self._stopped = threading.Event()
@@ -376,7 +376,7 @@ class _SyncOps:
     (connect and statement timeouts, socket timeouts, SQLite's busy_timeout).
     """
 
-    def __init__(self, store: Any, run_app: SyncRunApp | None) -> None:
+    def __init__(self, store: Store, run_app: SyncRunApp | None) -> None:
         self.store, self.run_app = store, run_app
         self.renewal: _ThreadRenewal | None = None
 
@@ -449,7 +449,7 @@ def _rest(steps: Generator[Op, object, T], ops: _SyncOps) -> object:
 
 def drive(
     steps: Generator[Op, object, T],
-    store: Any,
+    store: Store,
     run_app: SyncRunApp | None = None,
     *,
     writes: BackgroundThreads | None = None,
