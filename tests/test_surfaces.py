@@ -27,8 +27,7 @@ from starlette.routing import Route
 import oncely.asgi
 import oncely.wsgi
 from oncely import Claimed, StoreUnavailable, fingerprint, storage_key, tenant_from_header
-from oncely.stores._over_sync import AsyncOverSync
-from oncely.stores.memory import MemoryStore
+from oncely.stores.memory import AsyncMemoryStore, MemoryStore
 
 TENANT = tenant_from_header("X-Tenant-Id")
 PAYMENT = {"amount": 1000, "currency": "EUR"}
@@ -119,8 +118,10 @@ class Surface:
 @asynccontextmanager
 async def asgi(store: MemoryStore, **options: Any) -> AsyncIterator[Surface]:
     world = World()
+    async_side = AsyncMemoryStore()
+    async_side.sync = store  # the same records, awaited
     mw = oncely.asgi.IdempotencyMiddleware(
-        starlette_app(world), store=AsyncOverSync(store), tenant=TENANT, lease=LEASE, **options
+        starlette_app(world), store=async_side, tenant=TENANT, lease=LEASE, **options
     )
     transport = httpx.ASGITransport(app=mw, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
