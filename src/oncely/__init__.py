@@ -33,6 +33,7 @@ from ._errors import (
 )
 from ._fingerprint import fingerprint
 from ._keys import parse_key, storage_key
+from .decorator import Codec, ResultNotEncodable, idempotent
 from .stores import AsyncStore, Store, open_async_store, open_store
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "AsyncStore",
     "Attempt",
     "Claimed",
+    "Codec",
     "ConfigurationError",
     "Existing",
     "KeyInFlight",
@@ -55,6 +57,7 @@ __all__ = [
     "Request",
     "RequestTooLarge",
     "ResponseNotReplayable",
+    "ResultNotEncodable",
     "Route",
     "State",
     "Store",
@@ -64,6 +67,7 @@ __all__ = [
     "TransactionalStore",
     "current_attempt",
     "fingerprint",
+    "idempotent",
     "open_async_store",
     "open_store",
     "parse_key",
