@@ -154,7 +154,7 @@ def _tenant(headers: Any) -> str | None:
 
 
 def _oncely(app: Starlette, store: str, openers: list[Closer], closers: list[Closer]) -> None:
-    from oncely import open_async_store, scope_from_header
+    from oncely import open_async_store, tenant_from_header
     from oncely.asgi import IdempotencyMiddleware
 
     prefix = _env("BENCH_PREFIX")
@@ -167,7 +167,9 @@ def _oncely(app: Starlette, store: str, openers: list[Closer], closers: list[Clo
     else:
         backend = open_async_store(_env("BENCH_REDIS_URL"), **_options("redis", prefix))
     closers.append(backend.aclose)
-    app.add_middleware(IdempotencyMiddleware, store=backend, scope=scope_from_header(TENANT_HEADER))
+    app.add_middleware(
+        IdempotencyMiddleware, store=backend, tenant=tenant_from_header(TENANT_HEADER)
+    )
 
 
 def _options(store: str, prefix: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from oncely import scope_from_header
+from oncely import tenant_from_header
 from oncely.asgi import IdempotencyMiddleware
 
 charges = itertools.count(1)
@@ -27,7 +27,7 @@ async def create_payment(request: Request) -> JSONResponse:
 app = IdempotencyMiddleware(
     Starlette(routes=[Route("/payments", create_payment, methods=["POST"])]),
     store="memory:",
-    scope=scope_from_header("X-Tenant-Id"),
+    tenant=tenant_from_header("X-Tenant-Id"),
 )
 
 

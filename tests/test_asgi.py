@@ -30,12 +30,12 @@ from oncely import (
     Claimed,
     Existing,
     Route,
-    Scope,
     StoredResponse,
     StoreUnavailable,
-    scope_from_header,
-    scope_from_principal,
+    Tenant,
     single_tenant,
+    tenant_from_header,
+    tenant_from_principal,
 )
 from oncely.asgi import IdempotencyMiddleware
 from oncely.stores import AsyncStore
@@ -44,7 +44,7 @@ from oncely.stores.memory import AsyncMemoryStore
 from .conftest import Clock
 
 PROBLEMS = "https://oncely.dev/problems/"
-TENANT = scope_from_header("X-Tenant-Id")
+TENANT = tenant_from_header("X-Tenant-Id")
 PAYMENT = {"amount": 1000, "currency": "EUR", "customer": "cus_1"}
 
 ASGIMessage = MutableMapping[str, Any]
@@ -158,13 +158,13 @@ async def serve(
     store: str | AsyncStore = "memory:",
     *,
     api: Api | None = None,
-    scope: Scope = TENANT,
+    tenant: Tenant = TENANT,
     raise_app_exceptions: bool = True,
     **options: Any,
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Api]]:
     """A client for ``api`` behind the middleware; the store is closed afterwards."""
     api = api or Api()
-    mw = IdempotencyMiddleware(api.app(), store=store, scope=scope, **options)
+    mw = IdempotencyMiddleware(api.app(), store=store, tenant=tenant, **options)
     transport = httpx.ASGITransport(app=mw, raise_app_exceptions=raise_app_exceptions)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
@@ -635,10 +635,10 @@ class BearerBackend(AuthenticationBackend):
         return AuthCredentials(["authenticated"]), SimpleUser(auth.removeprefix("Bearer "))
 
 
-async def test_scope_from_principal_separates_authenticated_users() -> None:
+async def test_tenant_from_principal_separates_authenticated_users() -> None:
     """Behind AuthenticationMiddleware, scope['user'] is the tenant; anonymous requests are 400."""
     api = Api()
-    mw = IdempotencyMiddleware(api.app(), store="memory:", scope=scope_from_principal())
+    mw = IdempotencyMiddleware(api.app(), store="memory:", tenant=tenant_from_principal())
     app = AuthenticationMiddleware(mw, backend=BearerBackend())
     transport = httpx.ASGITransport(app=app)
     key = new_key()
@@ -659,7 +659,7 @@ async def test_scope_from_principal_separates_authenticated_users() -> None:
 
 async def test_single_tenant_needs_no_tenant_header() -> None:
     """single_tenant puts every request in one scope."""
-    async with serve(scope=single_tenant) as (client, api):
+    async with serve(tenant=single_tenant) as (client, api):
         h = {"Idempotency-Key": new_key()}
         await client.post("/payments", json=PAYMENT, headers=h)
         again = await client.post("/payments", json=PAYMENT, headers=h)
@@ -799,7 +799,7 @@ async def test_response_chunks_reach_the_client_before_the_app_finishes() -> Non
         await asyncio.wait_for(client_has_first_chunk.wait(), timeout=5)
         await send({"type": "http.response.body", "body": b"two", "more_body": False})
 
-    mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant)
+    mw = IdempotencyMiddleware(app, store="memory:", tenant=single_tenant)
     sent: list[ASGIMessage] = []
 
     async def send(message: ASGIMessage) -> None:
@@ -873,7 +873,7 @@ async def test_replay_errors_stores_a_500_problem_for_an_exception_before_any_re
         runs += 1
         raise RuntimeError("secret internals")
 
-    mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant, replay_errors=True)
+    mw = IdempotencyMiddleware(app, store="memory:", tenant=single_tenant, replay_errors=True)
     first: list[ASGIMessage] = []
     with pytest.raises(RuntimeError):
         await mw(http_scope(), receive_body(b""), collect(first))
@@ -909,7 +909,7 @@ async def test_an_app_that_returns_without_answering_releases_the_key() -> None:
         nonlocal runs
         runs += 1
 
-    mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant)
+    mw = IdempotencyMiddleware(app, store="memory:", tenant=single_tenant)
     for _ in range(2):
         with pytest.raises(RuntimeError, match="without completing a response"):
             await mw(http_scope(), receive_body(b""), collect([]))
@@ -992,6 +992,9 @@ async def test_a_store_that_fails_after_the_run_still_answers_the_client() -> No
         ) -> bool:
             raise StoreUnavailable("down after the claim")
 
+        async def renew(self, claim: Claimed, *, lease: float) -> bool:
+            raise StoreUnavailable("down after the claim")  # so the lease, and the tries, end
+
     store = FailsOnComplete()
     async with serve(store, store_timeout=0.05, lease=0.5) as (client, api):
         response = await client.post("/payments", json=PAYMENT, headers=headers(new_key()))
@@ -1010,7 +1013,7 @@ async def test_websocket_scopes_pass_straight_through() -> None:
     async def app(scope: ASGIMessage, receive: Any, send: Any) -> None:
         seen.append((scope, receive, send))
 
-    mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant)
+    mw = IdempotencyMiddleware(app, store="memory:", tenant=single_tenant)
     scope: ASGIMessage = {"type": "websocket", "headers": [(b"idempotency-key", b"k")]}
     receive, send = receive_body(b""), collect([])
     await mw(scope, receive, send)
@@ -1029,7 +1032,7 @@ async def test_the_lifespan_reaches_the_app_with_every_message() -> None:
         seen.append(await receive())
         await send({"type": "lifespan.shutdown.complete"})
 
-    mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant)
+    mw = IdempotencyMiddleware(app, store="memory:", tenant=single_tenant)
     messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
 
     async def receive() -> ASGIMessage:
@@ -1064,7 +1067,7 @@ async def test_a_client_that_disconnects_while_sending_its_body_gets_nothing_run
     async def cut_off() -> ASGIMessage:
         return next(messages)
 
-    mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant)
+    mw = IdempotencyMiddleware(app, store="memory:", tenant=single_tenant)
     sent: list[ASGIMessage] = []
     await mw(http_scope(), cut_off, collect(sent))
     again: list[ASGIMessage] = []
@@ -1084,7 +1087,7 @@ async def test_extensions_that_bypass_the_body_are_hidden_from_the_app() -> None
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    mw = IdempotencyMiddleware(app, store="memory:", scope=single_tenant)
+    mw = IdempotencyMiddleware(app, store="memory:", tenant=single_tenant)
     scope = http_scope()
     scope["extensions"] = {"http.response.pathsend": {}, "http.response.zerocopy": {}, "x": {}}
     await mw(scope, receive_body(b""), collect([]))
@@ -1241,9 +1244,9 @@ def collect(into: list[ASGIMessage]) -> Any:
 
 
 async def test_single_tenant_may_be_passed_called_or_not() -> None:
-    """scope=single_tenant() is the same scope as scope=single_tenant."""
+    """tenant=single_tenant() is the same tenant as tenant=single_tenant."""
     assert single_tenant() is single_tenant
-    async with serve(scope=single_tenant()) as (client, api):
+    async with serve(tenant=single_tenant()) as (client, api):
         h = {"Idempotency-Key": new_key()}
         first = await client.post("/payments", json=PAYMENT, headers=h)
         again = await client.post("/payments", json=PAYMENT, headers=h)

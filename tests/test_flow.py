@@ -25,7 +25,9 @@ from oncely._flow import (
     DEFAULT_HEADER_ALLOWLIST,
     AppFailed,
     Claim,
+    Clock,
     Complete,
+    Detach,
     Failed,
     Flow,
     Fresh,
@@ -54,21 +56,37 @@ STORED = StoredResponse(status=201, headers=HEADERS, body=b'{"id":"pay_1"}')
 
 # Helpers: play the driver -----------------------------------------------------------------
 
+# The driver's monotonic clock, as the tests set it: every Clock operation reads it.
+T0 = 1000.0
+clock = [T0]
+
+
+@pytest.fixture(autouse=True)
+def _reset_clock() -> None:
+    clock[0] = T0
+
+
+def _past_clock(f: Flow, op: Op) -> Op:
+    while isinstance(op, Clock):
+        op = f.send(clock[0])
+    return op
+
 
 def start(policy: Policy | None = None) -> tuple[Flow, Op]:
     f = flow(KEY, FP, policy or Policy())
-    return f, next(f)
+    return f, _past_clock(f, next(f))
 
 
 def step(f: Flow, value: object) -> Op:
-    """Send ``value`` and return the next operation; fails if the flow ends instead."""
-    return f.send(value)
+    """Send ``value`` and return the next operation (clock reads answered); fails if the flow
+    ends instead."""
+    return _past_clock(f, f.send(value))
 
 
 def end(f: Flow, value: object) -> Outcome:
     """Send ``value`` and return the outcome; fails if the flow yields another operation."""
     try:
-        op = f.send(value)
+        op = step(f, value)
     except StopIteration as stop:
         outcome: Outcome = stop.value
         return outcome
@@ -76,16 +94,25 @@ def end(f: Flow, value: object) -> Outcome:
 
 
 def step_throw(f: Flow, error: BaseException) -> Op:
-    return f.throw(error)
+    return _past_clock(f, f.throw(error))
 
 
 def end_throw(f: Flow, error: BaseException) -> Outcome:
     try:
-        op = f.throw(error)
+        op = step_throw(f, error)
     except StopIteration as stop:
         outcome: Outcome = stop.value
         return outcome
     pytest.fail(f"the flow went on with {op!r}")
+
+
+def is_run(op: Op, claim: Claimed | None) -> bool:
+    """``op`` runs the app with ``claim`` (and, with a claim, its lease from the claim's send)."""
+    assert isinstance(op, Run), op
+    if claim is None:
+        return op.claim is None and op.lease is None
+    assert op.lease is not None
+    return op.claim == claim and op.lease.until == T0 + op.lease.duration
 
 
 def record(
@@ -128,7 +155,7 @@ def claimed_and_ran(policy: Policy | None = None) -> Flow:
     """A flow that won its claim and is waiting for the app's result."""
     f, op = start(policy)
     assert isinstance(op, Claim)
-    assert step(f, CLAIM) == Run(CLAIM)
+    assert is_run(step(f, CLAIM), CLAIM)
     return f
 
 
@@ -147,9 +174,10 @@ def test_the_first_operation_is_one_claim_with_the_lease() -> None:
 
 
 def test_a_won_claim_runs_the_app_with_that_claim() -> None:
-    """Claimed leads to Run carrying the claim (so the driver can renew its lease)."""
+    """Claimed leads to Run carrying the claim and its lease, counted from when the claim was
+    sent (so the driver can renew it)."""
     f, _ = start()
-    assert step(f, CLAIM) == Run(CLAIM)
+    assert is_run(step(f, CLAIM), CLAIM)
 
 
 # Kept outcomes: claim -> run -> complete ---------------------------------------------------
@@ -379,7 +407,7 @@ def test_wait_runs_the_app_if_the_first_request_released_the_key_meanwhile() -> 
     f, _ = start(Policy(wait=1.0, poll_interval=0.25))
     assert step(f, in_flight()) == Sleep(0.25)
     assert step(f, None) == Claim(KEY, FP, 60.0)
-    assert step(f, CLAIM) == Run(CLAIM)
+    assert is_run(step(f, CLAIM), CLAIM)
 
 
 def test_wait_gives_up_with_409_when_its_polls_run_out() -> None:
@@ -417,7 +445,7 @@ def test_store_down_on_claim_with_fail_open_runs_the_app_unprotected() -> None:
     """fail_open runs the app without a claim, and the outcome says it passed through."""
     down = StoreUnavailable("down")
     f, _ = start(Policy(fail_open=True))
-    assert step_throw(f, down) == Run(None)
+    assert is_run(step_throw(f, down), None)
     assert end(f, ran(201)) == PassThrough(down)
 
 
@@ -425,23 +453,96 @@ def test_fail_open_reports_an_app_exception() -> None:
     """Unprotected, a raising app is still reported as failed (and nothing is released)."""
     error = RuntimeError("boom")
     f, _ = start(Policy(fail_open=True))
-    assert step_throw(f, StoreUnavailable("down")) == Run(None)
+    assert is_run(step_throw(f, StoreUnavailable("down")), None)
     assert end(f, AppFailed(error, started=False)) == Failed(error)
 
 
-def test_store_down_on_complete_still_answers_fresh_but_not_stored() -> None:
-    """The client gets the app's answer; the outcome carries the store error for the log."""
+def test_a_write_after_the_app_that_fails_is_tried_again_after_a_pause() -> None:
+    """A store blip after the app ran is waited out while the lease holds: pause, write again."""
     down = StoreUnavailable("down")
-    f = claimed_and_ran()
+    f = claimed_and_ran(Policy(lease=10.0))
+    op = step(f, ran(201))
+    assert isinstance(op, Complete)
+    assert step_throw(f, down) == Sleep(0.05)
+    assert step(f, None) == op
+    assert step_throw(f, down) == Sleep(0.1)  # doubling
+    assert step(f, None) == op
+    assert end(f, True) == Fresh(stored=True)
+
+
+def test_pauses_between_tries_double_up_to_one_second() -> None:
+    """Backoff: 50 ms doubling, capped at 1 s."""
+    f = claimed_and_ran(Policy(lease=1000.0, store_timeout=1000.0))
+    op = step(f, ran(201))
+    pauses = []
+    for _ in range(8):
+        pause = step_throw(f, StoreUnavailable("down"))
+        assert isinstance(pause, Sleep)
+        pauses.append(pause.seconds)
+        assert step(f, None) == op
+    assert pauses == [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+
+
+def test_past_store_timeout_the_client_is_answered_while_the_write_goes_on() -> None:
+    """Detach hands the driver the answer for the client; the flow keeps trying the write."""
+    down = StoreUnavailable("down")
+    f = claimed_and_ran(Policy(lease=30.0, store_timeout=2.0))
+    op = step(f, ran(201))
+    clock[0] = T0 + 1.96
+    # Never paused past the time the client is answered.
+    pause = step_throw(f, down)
+    assert isinstance(pause, Sleep)
+    assert pause.seconds == pytest.approx(0.04)
+    clock[0] = T0 + 2.0
+    assert step(f, None) == op
+    assert step_throw(f, down) == Detach(Fresh(stored=False, deferred=True), KEY)
+    assert isinstance(step(f, True), Sleep)
+    assert step(f, None) == op
+    assert end(f, True) == Fresh(stored=True)
+
+
+def test_a_write_still_failing_as_the_lease_ends_is_abandoned() -> None:
+    """The limit: once the lease is about to end the write is given up and reported."""
+    down = StoreUnavailable("down")
+    f = claimed_and_ran(Policy(lease=10.0, store_timeout=100.0))
     assert isinstance(step(f, ran(201)), Complete)
+    clock[0] = T0 + 10.0
     assert end_throw(f, down) == Fresh(stored=False, store_error=down)
 
 
-def test_store_down_on_release_still_answers() -> None:
-    """A release that fails leaves the key to its lease; the answer still goes out."""
+def test_a_renewed_lease_keeps_the_write_going_past_the_first_lease() -> None:
+    """The lease is the flow's, handed to the driver on Run: renewals move its end on."""
+    down = StoreUnavailable("down")
+    f, _ = start(Policy(lease=10.0, store_timeout=100.0))
+    run = step(f, CLAIM)
+    assert isinstance(run, Run)
+    assert run.lease is not None
+    op = step(f, ran(201))
+    run.lease.renewed(T0 + 8.0)  # what the driver's renewal does
+    clock[0] = T0 + 12.0
+    assert isinstance(step_throw(f, down), Sleep)
+    assert step(f, None) == op
+
+
+def test_a_lost_lease_ends_the_tries_at_once() -> None:
+    """A renewal that found another owner: the write is fenced anyway, so it stops."""
+    f, _ = start(Policy(lease=10.0))
+    run = step(f, CLAIM)
+    assert isinstance(run, Run)
+    assert run.lease is not None
+    assert isinstance(step(f, ran(201)), Complete)
+    run.lease.lost = True
+    assert end_throw(f, StoreUnavailable("down")) == Fresh(
+        stored=False, lost_lease=True, superseded=True
+    )
+
+
+def test_store_down_on_release_until_the_lease_ends_still_answers() -> None:
+    """A release that never lands leaves the key to its lease; the answer still goes out."""
     down = StoreUnavailable("down")
     f = claimed_and_ran()
     assert step(f, ran(503)) == Release(CLAIM)
+    clock[0] = T0 + 60.0
     assert end_throw(f, down) == Fresh(stored=False, store_error=down)
 
 
@@ -450,7 +551,17 @@ def test_store_down_after_an_exception_reports_both() -> None:
     error, down = RuntimeError("boom"), StoreUnavailable("down")
     f = claimed_and_ran()
     assert step(f, AppFailed(error, started=False)) == Release(CLAIM)
+    clock[0] = T0 + 60.0
     assert end_throw(f, down) == Failed(error, store_error=down)
+
+
+def test_an_exception_is_answered_past_store_timeout_while_its_release_goes_on() -> None:
+    """The release after an error detaches too, with the error for the driver to raise."""
+    error, down = RuntimeError("boom"), StoreUnavailable("down")
+    f = claimed_and_ran(Policy(store_timeout=1.0))
+    assert step(f, AppFailed(error, started=False)) == Release(CLAIM)
+    clock[0] = T0 + 1.0
+    assert step_throw(f, down) == Detach(Failed(error), KEY)
 
 
 # Fencing: a lost lease ----------------------------------------------------------------------
@@ -510,8 +621,8 @@ def test_the_default_allow_list_never_contains_set_cookie_or_date() -> None:
 def test_a_custom_allow_list_replaces_the_default() -> None:
     """header_allowlist decides which headers are kept."""
     f = flow(KEY, FP, Policy(), header_allowlist=frozenset({"x-kept"}))
-    assert next(f) == Claim(KEY, FP, 60.0)
-    assert step(f, CLAIM) == Run(CLAIM)
+    assert step(f, None) == Claim(KEY, FP, 60.0)
+    assert is_run(step(f, CLAIM), CLAIM)
     op = step(f, ran(201, headers=(("x-kept", "1"), ("content-type", "text/plain"))))
     assert isinstance(op, Complete)
     assert op.response.headers == (("x-kept", "1"),)

@@ -102,7 +102,7 @@ def client_for(app: IdempotencyMiddleware) -> httpx.AsyncClient:
 
 def make_app(bank: Bank, store: AsyncSQLiteStore) -> IdempotencyMiddleware:
     inner = Starlette(routes=[Route("/payments", bank.create, methods=["POST"])])
-    return IdempotencyMiddleware(inner, store=store, scope=single_tenant)
+    return IdempotencyMiddleware(inner, store=store, tenant=single_tenant)
 
 
 async def test_the_response_committed_with_the_effect_is_replayed(

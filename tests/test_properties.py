@@ -18,7 +18,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oncely import MalformedKey, fingerprint, parse_key, scope_from_header, single_tenant
+from oncely import MalformedKey, fingerprint, parse_key, single_tenant, tenant_from_header
 from oncely.asgi import IdempotencyMiddleware
 
 Message = MutableMapping[str, Any]
@@ -259,7 +259,7 @@ def test_the_middleware_never_answers_5xx_and_no_key_runs_twice(batches: list[li
     async def play() -> CountingApp:
         app = CountingApp()
         mw = IdempotencyMiddleware(
-            app, store="memory:", scope=scope_from_header("X-Tenant-Id"), max_request_body=4000
+            app, store="memory:", tenant=tenant_from_header("X-Tenant-Id"), max_request_body=4000
         )
         for batch in batches:
             answers = await asyncio.gather(*(exchange(mw, call) for call in batch))
@@ -289,7 +289,7 @@ def test_any_body_of_any_declared_type_gets_a_whole_answer_below_500(
 
     async def play() -> int:
         mw = IdempotencyMiddleware(
-            CountingApp(), store="memory:", scope=single_tenant, max_request_body=4000
+            CountingApp(), store="memory:", tenant=single_tenant, max_request_body=4000
         )
         call = Call("POST", None, (b"key-1",), content_type, body, chunked, query, ())
         status = whole_answer(await exchange(mw, call))
@@ -309,7 +309,7 @@ def test_a_repeated_request_is_always_answered_from_the_store(
 
     async def play() -> None:
         app = CountingApp()
-        mw = IdempotencyMiddleware(app, store="memory:", scope=scope_from_header("X-Tenant-Id"))
+        mw = IdempotencyMiddleware(app, store="memory:", tenant=tenant_from_header("X-Tenant-Id"))
         for key, tenant in requests:
             call = Call("POST", tenant, (key,), b"application/json", b"{}", False, b"", ())
             first = await exchange(mw, call)

@@ -87,7 +87,7 @@ async def serving(
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Api, IdempotencyMiddleware]]:
     """A client for the test API behind the middleware (yielded too); closed afterwards."""
     api = Api()
-    mw = IdempotencyMiddleware(api.app(), store=store, scope=TENANT, **options)
+    mw = IdempotencyMiddleware(api.app(), store=store, tenant=TENANT, **options)
     transport = httpx.ASGITransport(app=mw, raise_app_exceptions=False)
     try:
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
@@ -300,7 +300,7 @@ async def test_a_checkpoint_is_retried_through_a_blip() -> None:
     store = FlakyStore()
     store.fail_next["record_phase"] = 3
     app = Starlette(routes=[StarletteRoute("/pay", pay, methods=["POST"])])
-    mw = IdempotencyMiddleware(app, store=store, scope=TENANT, store_timeout=5, lease=30)
+    mw = IdempotencyMiddleware(app, store=store, tenant=TENANT, store_timeout=5, lease=30)
     transport = httpx.ASGITransport(app=mw)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         key = new_key()
@@ -334,7 +334,7 @@ async def test_lifespan_shutdown_waits_for_the_writes_in_the_background() -> Non
                     return
         await api.app()(scope, receive, send)
 
-    mw = IdempotencyMiddleware(app, store=store, scope=TENANT, store_timeout=0.05, lease=30)
+    mw = IdempotencyMiddleware(app, store=store, tenant=TENANT, store_timeout=0.05, lease=30)
     transport = httpx.ASGITransport(app=mw)
     key = new_key()
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:

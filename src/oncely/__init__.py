@@ -1,21 +1,30 @@
 """oncely: every unsafe request takes effect once.
 
-from oncely import scope_from_header
+from oncely import tenant_from_header
 from oncely.asgi import IdempotencyMiddleware
 
-app = IdempotencyMiddleware(app, store="sqlite:oncely.db", scope=scope_from_header("X-Tenant-Id"))
+app = IdempotencyMiddleware(
+    app, store="sqlite:oncely.db", tenant=tenant_from_header("X-Tenant-Id")
+)
 """
 
 from ._attempt import Attempt, LeaseLost, TransactionalStore, current_attempt
 from ._codec import Claimed, Existing, Record, State, StoredResponse
-from ._config import Request, Route, Scope, scope_from_header, scope_from_principal, single_tenant
+from ._config import (
+    Request,
+    Route,
+    Tenant,
+    single_tenant,
+    tenant_from_header,
+    tenant_from_principal,
+)
 from ._errors import (
     ConfigurationError,
     KeyInFlight,
     KeyReused,
     MalformedKey,
     MissingKey,
-    MissingScope,
+    MissingTenant,
     OncelyError,
     ProblemError,
     RequestTooLarge,
@@ -24,6 +33,7 @@ from ._errors import (
 )
 from ._fingerprint import fingerprint
 from ._keys import parse_key, storage_key
+from .decorator import Codec, ResultNotEncodable, idempotent
 from .stores import AsyncStore, Store, open_async_store, open_store
 
 __version__ = "0.1.0"
@@ -32,6 +42,7 @@ __all__ = [
     "AsyncStore",
     "Attempt",
     "Claimed",
+    "Codec",
     "ConfigurationError",
     "Existing",
     "KeyInFlight",
@@ -39,27 +50,29 @@ __all__ = [
     "LeaseLost",
     "MalformedKey",
     "MissingKey",
-    "MissingScope",
+    "MissingTenant",
     "OncelyError",
     "ProblemError",
     "Record",
     "Request",
     "RequestTooLarge",
     "ResponseNotReplayable",
+    "ResultNotEncodable",
     "Route",
-    "Scope",
     "State",
     "Store",
     "StoreUnavailable",
     "StoredResponse",
+    "Tenant",
     "TransactionalStore",
     "current_attempt",
     "fingerprint",
+    "idempotent",
     "open_async_store",
     "open_store",
     "parse_key",
-    "scope_from_header",
-    "scope_from_principal",
     "single_tenant",
     "storage_key",
+    "tenant_from_header",
+    "tenant_from_principal",
 ]

@@ -41,16 +41,17 @@ the handler returns, so a crash between your commit and that store also re-runs 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-import functools
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from ._codec import Claimed, StoredResponse
-from ._drive import Lease, write_while_owned
+from ._drive import adrive
 from ._errors import ConfigurationError, OncelyError
+from ._flow import Lease, Policy, RecordPhase, write_while_owned
 from .stores import AsyncStore
 
 __all__ = [
@@ -58,6 +59,7 @@ __all__ = [
     "LeaseLost",
     "TransactionalStore",
     "current_attempt",
+    "running",
 ]
 
 
@@ -140,14 +142,14 @@ class Attempt:
 
     def __init__(
         self,
-        store: AsyncStore,
+        store: Any,
         claim: Claimed,
         *,
         ttl: float,
         tombstone_ttl: float,
         header_allowlist: frozenset[str],
         lease: Lease | None = None,
-        store_timeout: float | None = None,
+        store_timeout: float = 5.0,
     ) -> None:
         self._store = store
         self._claim = claim
@@ -263,15 +265,45 @@ class Attempt:
     async def checkpoint(self, name: str, data: Any = None) -> None:
         """Record a recovery point in the store's own round trip (any store; no shared tx)."""
         encoded = self._encode(name, data)
-        write = functools.partial(self._store.record_phase, self._claim, name, encoded)
+        store: AsyncStore = self._store
         owned: object
         if self._lease is None:
-            owned = await write()
+            owned = await store.record_phase(self._claim, name, encoded)
         else:
-            limit = None if getattr(self._store, "in_process", False) else self._store_timeout
-            owned = await write_while_owned(
-                write, self._lease, limit, key=self.key, what=f"recovery point {name!r}"
+            write = write_while_owned(
+                RecordPhase(self._claim, name, encoded),
+                self._lease,
+                what=f"recovery point {name!r}",
             )
+            owned = await adrive(write, store, store_timeout=self._store_timeout)
         if not owned:
             raise LeaseLost(f"key {self.key} was taken over")
         self._phases[name] = json.loads(encoded)
+
+
+@contextlib.contextmanager
+def running(
+    store: Any,
+    claim: Claimed | None,
+    lease: Lease | None,
+    policy: Policy,
+    header_allowlist: frozenset[str],
+) -> Iterator[Attempt | None]:
+    """The attempt of ``claim`` as :func:`current_attempt` while the app runs (None: the app
+    runs unprotected, with no attempt)."""
+    attempt = None
+    if claim is not None:
+        attempt = Attempt(
+            store,
+            claim,
+            ttl=policy.ttl,
+            tombstone_ttl=policy.tombstone_ttl,
+            header_allowlist=header_allowlist,
+            lease=lease,
+            store_timeout=policy.store_timeout,
+        )
+    reset = _current.set(attempt)
+    try:
+        yield attempt
+    finally:
+        _current.reset(reset)

@@ -1,22 +1,31 @@
-"""What a user configures: tenant scopes, routes, and how a request is matched to them."""
+"""What a user configures: tenants, routes, options, and how a request is matched to them.
+
+:class:`Options` checks every option once and resolves a request (method, path) to the
+:class:`~oncely._flow.Policy` of its route, with a cache; every surface (ASGI, WSGI) shares it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, overload
+from typing import Any, TypedDict, overload
 
 from ._errors import ConfigurationError
+from ._flow import DEFAULT_HEADER_ALLOWLIST, Policy
 
 __all__ = [
     "DEFAULT_METHODS",
+    "Options",
     "Request",
+    "Resolved",
     "Route",
-    "Scope",
-    "scope_from_header",
-    "scope_from_principal",
+    "Settings",
+    "Tenant",
     "single_tenant",
+    "tenant_from_header",
+    "tenant_from_principal",
 ]
 
 DEFAULT_METHODS = frozenset({"POST", "PATCH"})
@@ -24,7 +33,7 @@ DEFAULT_METHODS = frozenset({"POST", "PATCH"})
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """What a scope function sees of a request.
+    """What a tenant function sees of a request.
 
     ``headers`` has lower-case names; repeated headers are joined with ", ". ``raw`` is the
     framework's own view (the ASGI scope, or the WSGI environ).
@@ -37,23 +46,23 @@ class Request:
     raw: Mapping[str, Any]
 
 
-Scope = Callable[[Request], "str | None"]
-"""Tells tenants apart: the scope of a request, or None when it has none (then 400)."""
+Tenant = Callable[[Request], "str | None"]
+"""Tells tenants apart: the tenant of a request, or None when it has none (then 400)."""
 
 
-def scope_from_header(name: str) -> Scope:
+def tenant_from_header(name: str) -> Tenant:
     """The tenant is the value of header ``name`` (an API key, an account id).
 
     The value is hashed into the storage key and never stored, so a secret header is safe.
     """
     lowered = name.lower()
 
-    def scope(request: Request) -> str | None:
+    def tenant(request: Request) -> str | None:
         value = request.headers.get(lowered, "").strip()
         return value or None
 
-    scope.__name__ = f"scope_from_header({name!r})"
-    return scope
+    tenant.__name__ = f"tenant_from_header({name!r})"
+    return tenant
 
 
 def _principal_name(user: object) -> str | None:
@@ -68,32 +77,32 @@ def _principal_name(user: object) -> str | None:
     return None
 
 
-def scope_from_principal(resolve: Callable[[Request], object] | None = None) -> Scope:
+def tenant_from_principal(resolve: Callable[[Request], object] | None = None) -> Tenant:
     """The tenant is the authenticated principal the app already resolved.
 
     By default that is ``scope["user"]`` as set by Starlette's ``AuthenticationMiddleware`` (its
     ``identity``, ``username``, ``id`` or ``email``), or ``REMOTE_USER`` under WSGI; pass
     ``resolve`` to read it elsewhere. Place oncely inside the authentication middleware.
-    An unauthenticated request has no scope and is refused with 400.
+    An unauthenticated request has no tenant and is refused with 400.
     """
 
-    def scope(request: Request) -> str | None:
+    def tenant(request: Request) -> str | None:
         if resolve is not None:
             user = resolve(request)
         else:
             user = request.raw.get("user", request.raw.get("REMOTE_USER"))
         return _principal_name(user)
 
-    return scope
+    return tenant
 
 
 class _SingleTenant:
     """Every request belongs to one tenant: for an API with a single client, or behind one.
 
-    Pass it as it is (``scope=single_tenant``) or called (``scope=single_tenant()``).
+    Pass it as it is (``tenant=single_tenant``) or called (``tenant=single_tenant()``).
     """
 
-    SCOPE = "single-tenant"
+    TENANT = "single-tenant"
 
     @overload
     def __call__(self) -> _SingleTenant: ...
@@ -101,7 +110,7 @@ class _SingleTenant:
     def __call__(self, request: Request) -> str: ...
 
     def __call__(self, request: Request | None = None) -> str | _SingleTenant:
-        return self if request is None else self.SCOPE
+        return self if request is None else self.TENANT
 
     def __repr__(self) -> str:
         return "single_tenant"
@@ -157,3 +166,124 @@ class Route:
     def matches(self, method: str, path: str, default_methods: frozenset[str]) -> bool:
         methods = self._methods if self._methods is not None else default_methods
         return method in methods and self._regex.match(path) is not None
+
+
+MiB = 1024 * 1024
+
+
+class Settings(TypedDict, total=False):
+    """The options every middleware takes besides ``tenant`` and ``store`` (see the README)."""
+
+    methods: Iterable[str]
+    routes: Iterable[Route]
+    header: str
+    required: bool
+    ttl: float
+    tombstone_ttl: float
+    lease: float
+    wait: float
+    replay_errors: bool
+    fail_open: bool
+    ignore_fields: Iterable[str]
+    max_request_body: int
+    max_response_body: int
+    store_timeout: float
+    retry_after: float
+    header_allowlist: Iterable[str]
+    namespace: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What applies to one (method, path): its policy, whether a key is required, and the
+    body fields left out of its fingerprint."""
+
+    policy: Policy
+    required: bool
+    ignore_fields: tuple[str, ...]
+
+
+class Options:
+    """Every option, checked once, and the resolution of a request to its route's settings."""
+
+    def __init__(
+        self,
+        *,
+        tenant: Tenant,
+        methods: Iterable[str] = DEFAULT_METHODS,
+        routes: Iterable[Route] = (),
+        header: str = "Idempotency-Key",
+        required: bool = True,
+        ttl: float = 24 * 3600.0,
+        tombstone_ttl: float = 7 * 24 * 3600.0,
+        lease: float = 60.0,
+        wait: float = 0.0,
+        replay_errors: bool = False,
+        fail_open: bool = False,
+        ignore_fields: Iterable[str] = (),
+        max_request_body: int = 10 * MiB,
+        max_response_body: int = 1 * MiB,
+        store_timeout: float = 5.0,
+        retry_after: float = 1.0,
+        header_allowlist: Iterable[str] = DEFAULT_HEADER_ALLOWLIST,
+        namespace: str = "",
+    ) -> None:
+        if not callable(tenant):
+            raise ConfigurationError(
+                "tenant must be a callable over the request: tenant_from_header(name), "
+                "tenant_from_principal() or single_tenant"
+            )
+        if lease <= 0 or ttl <= 0 or tombstone_ttl < 0 or wait < 0 or store_timeout <= 0:
+            raise ConfigurationError("lease, ttl and store_timeout must be positive")
+        self.tenant = tenant
+        self.methods = frozenset(m.upper() for m in methods)
+        self.routes = tuple(routes)
+        self.header = header
+        self.header_lower = header.lower()
+        self.max_request_body = max_request_body
+        self.max_response_body = max_response_body
+        self.store_timeout = store_timeout
+        self.namespace = namespace
+        self.header_allowlist = frozenset(h.lower() for h in header_allowlist)
+        self.policy = Policy(
+            lease=lease,
+            ttl=ttl,
+            tombstone_ttl=tombstone_ttl,
+            wait=wait,
+            retry_after=retry_after,
+            replay_errors=replay_errors,
+            fail_open=fail_open,
+            store_timeout=store_timeout,
+        )
+        self.ignore_fields = tuple(ignore_fields)
+        self._default = Resolved(self.policy, required, self.ignore_fields)
+        self._cache: dict[tuple[str, str], Resolved | None] = {}
+
+    def resolve(self, method: str, path: str) -> Resolved | None:
+        """The settings for (method, path), or None when such requests are not protected."""
+        cache_key = (method, path)
+        try:
+            return self._cache[cache_key]
+        except KeyError:
+            pass
+        resolved: Resolved | None = None
+        for route in self.routes:
+            if route.matches(method, path, self.methods):
+                if route.enabled:
+                    resolved = self._for(route)
+                break
+        else:
+            if method in self.methods:
+                resolved = self._default
+        if len(self._cache) < 10_000:  # paths with ids are unbounded; keep the cache small
+            self._cache[cache_key] = resolved
+        return resolved
+
+    def _for(self, route: Route) -> Resolved:
+        overrides = {
+            name: getattr(route, name)
+            for name in ("lease", "ttl", "tombstone_ttl", "wait", "replay_errors")
+            if getattr(route, name) is not None
+        }
+        policy = dataclasses.replace(self.policy, **overrides)
+        return Resolved(policy, route.required, self.ignore_fields + route.ignore_fields)

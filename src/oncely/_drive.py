@@ -1,203 +1,149 @@
-"""The async driver: performs the flow's store operations, with timeouts and lease renewal.
+"""The drivers: they do what the flow yields, against a store and the app, and nothing else.
 
-Writes after the app ran (``complete``, ``release``) are the ones a store blip must not lose:
-the app's effect has happened, and a lost write leaves the key in flight until its lease ends,
-when a retry would take it over and run the request a second time. The key is ours for the
-whole lease, so there is time to record the outcome:
+One loop, twice: :func:`adrive` for an :class:`AsyncStore` (asyncio; the lease is renewed by a
+timer and a task) and :func:`drive` for a :class:`Store` (blocking; the lease is renewed by a
+thread). Every decision (what to write, when to try again, when to answer the client while a
+write goes on) is the flow's; a driver performs the operation, wraps any store failure as
+:class:`StoreUnavailable` and sends the result back in.
 
-    claim ─ lease ──────────────────────────────────────────────────────────────────► lease ends
-      │ app runs │ write ✗ │ retry ✗ │ retry ✗ …  (renewal keeps trying too) │ write ✓
-                 │◄── store_timeout ──►│ the client gets its answer here at the latest;
-                                         the write goes on in the background (bounded in
-                                         number, awaited on shutdown) until it lands, or
-                                         until the lease is lost or about to end
-
-A renewal that gets through extends the time left. Only when the lease is lost (another claim
-owns the key) or about to end is the outcome abandoned, and logged as such.
+:class:`Detach` is the one operation a driver answers with a choice: if its bound on writes in
+the background has room, it hands the rest of the flow to a task (or a thread) and returns the
+outcome the flow gave it, so the client is answered while the write goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
+from typing import Generic, TypeVar
 
 from ._codec import Claimed
 from ._errors import StoreUnavailable
-from ._flow import AppFailed, Claim, Complete, Deferred, Flow, Outcome, Ran, Release, Run, Sleep
-from .stores import AsyncStore
+from ._flow import (
+    WRITE_RETRY_CAP,
+    WRITE_RETRY_FIRST,
+    AppFailed,
+    Claim,
+    Clock,
+    Complete,
+    Detach,
+    Lease,
+    Op,
+    Ran,
+    RecordPhase,
+    Release,
+    Run,
+    Sleep,
+)
+from .stores import AsyncStore, Store
 
-__all__ = ["BackgroundWrites", "Lease", "adrive", "write_while_owned"]
+__all__ = ["BackgroundThreads", "BackgroundWrites", "adrive", "drive"]
 
 log = logging.getLogger("oncely")
 
-RunApp = Callable[[Claimed | None, "Lease | None"], Awaitable[Ran | AppFailed]]
+T = TypeVar("T")
+AsyncRunApp = Callable[[Claimed | None, Lease | None], Awaitable[Ran | AppFailed]]
+SyncRunApp = Callable[[Claimed | None, Lease | None], Ran | AppFailed]
 
-# Pauses between tries of a write after the app ran: doubling from the first, at most the last.
-WRITE_RETRY_FIRST = 0.05
-WRITE_RETRY_CAP = 1.0
-# Seconds of lease below which a write is given up: it could not land in time to matter.
-LEASE_END_MARGIN = 0.02
 # Writes that may go on after their client was answered, per middleware; past this many, a
 # request waits for its own write (so a long outage cannot pile up tasks without bound).
 BACKGROUND_WRITES_LIMIT = 1000
 
 
-async def _call_store(awaitable: Awaitable[object], limit: float | None) -> object:
-    """Await a store operation within ``limit`` seconds (None: the store bounds itself).
+def _store_error(exc: Exception, limit: float | None) -> StoreUnavailable:
+    """Any failure of a store call as :class:`StoreUnavailable`: the built-in stores raise
+    nothing else, and a user's store that lets a driver error through must not turn a blip
+    into a lost outcome either."""
+    if isinstance(exc, StoreUnavailable):
+        return exc
+    if isinstance(exc, TimeoutError) and limit is not None:
+        return StoreUnavailable(f"the store did not answer within {limit:g} s")
+    return StoreUnavailable(f"the store failed: {type(exc).__name__}: {exc}")
 
-    Any failure is :class:`StoreUnavailable`: the built-in stores raise nothing else, and a
-    store of the user's that lets a driver error through must not turn a blip into a lost
-    outcome either.
-    """
+
+async def _call_store(awaitable: Awaitable[object], limit: float | None) -> object:
+    """Await a store operation within ``limit`` seconds (None: the store bounds itself)."""
     try:
         if limit is None:
             return await awaitable
         async with asyncio.timeout(limit):
             return await awaitable
-    except StoreUnavailable:
-        raise
-    except TimeoutError as exc:
-        raise StoreUnavailable(f"the store did not answer within {limit:g} s") from exc
     except Exception as exc:
-        raise StoreUnavailable(f"the store failed: {type(exc).__name__}: {exc}") from exc
+        error = _store_error(exc, limit)
+        if error is exc:
+            raise
+        raise error from exc
 
 
-class Lease:
-    """What this process knows of its claim's lease, on its own monotonic clock.
-
-    The store's lease began when the store ran the claim, after it was sent: so the key is
-    surely ours until ``sent + lease`` here, whatever the two clocks read. A renewal that gets
-    through moves that on; one that finds another owner marks the lease ``lost``.
-    """
-
-    __slots__ = ("duration", "lost", "until")
-
-    def __init__(self, duration: float, sent: float) -> None:
-        self.duration = duration
-        self.until = sent + duration
-        self.lost = False
-
-    def renewed(self, sent: float) -> None:
-        self.until = max(self.until, sent + self.duration)
-
-    def left(self) -> float:
-        return self.until - time.monotonic()
+def _limit(store: object, store_timeout: float) -> float | None:
+    # Stores in this process (memory, SQLite) bound their own waits (SQLite's busy_timeout);
+    # a timer per operation would cost more than the operation.
+    return None if getattr(store, "in_process", False) else store_timeout
 
 
-async def write_while_owned(
-    write: Callable[[], Awaitable[object]],
-    lease: Lease,
-    limit: float | None,
-    *,
-    key: str,
-    what: str,
-    error: StoreUnavailable | None = None,
-) -> object:
-    """Try ``write`` until it succeeds, with backoff, while the lease holds.
-
-    ``error``: the failure of a first try already made. Returns the write's result, or False
-    once the lease is lost (the write is fenced: it would change nothing). Raises the last
-    :class:`StoreUnavailable` when the lease is about to end.
-    """
-    delay = WRITE_RETRY_FIRST
-    tries, started = 0, time.monotonic()
-    # Renewals that get through extend the lease, but a store that answers renewals and keeps
-    # refusing this write (a value it will never take) must not hold the key for ever: retries
-    # last one lease at most from the first failure.
-    give_up_at = started + lease.duration
-    while True:
-        if error is not None:
-            if lease.lost:
-                log.error("oncely: abandoned the %s of key %s: its lease was lost", what, key)
-                return False
-            left = min(lease.left(), give_up_at - time.monotonic())
-            if left <= LEASE_END_MARGIN:
-                log.error(
-                    "oncely: abandoned the %s of key %s after %d tries in %.1f s: the lease "
-                    "ends (or a lease's worth of retries is spent) and the store still fails "
-                    "(%s); a retry after the lease will run the request again",
-                    what,
-                    key,
-                    tries,
-                    time.monotonic() - started,
-                    error,
-                )
-                raise error
-            pause = min(delay, left / 2)  # a renewal may extend the lease meanwhile
-            log.warning(
-                "oncely: the %s of key %s failed, retrying in %.2g s (%.1f s of lease left): %s",
-                what,
-                key,
-                pause,
-                left,
-                error,
-            )
-            await asyncio.sleep(pause)
-            delay = min(delay * 2, WRITE_RETRY_CAP)
-        tries += 1
-        try:
-            result = await _call_store(write(), limit)
-        except StoreUnavailable as exc:
-            error = exc
-            continue
-        if tries > 1:
-            log.warning(
-                "oncely: wrote the %s of key %s after %d tries in %.1f s",
-                what,
-                key,
-                tries,
-                time.monotonic() - started,
-            )
-        return result
+def _logged_loss(lease: Lease, key: str) -> None:
+    lease.lost = True
+    log.warning("oncely: lease lost to another claim of key %s", key)
 
 
-class BackgroundWrites:
-    """Writes that outlived their request's answer: bounded in number, awaited on shutdown."""
+class _Writes(Generic[T]):
+    """Flows that outlived their request's answer: bounded in number."""
 
     def __init__(self, limit: int = BACKGROUND_WRITES_LIMIT) -> None:
         self.limit = limit
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._running: set[T] = set()
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        return len(self._running)
 
-    def adopt(self, task: asyncio.Task[object], key: str) -> bool:
-        """Let ``task`` go on after its client is answered; False when too many already do."""
-        if len(self._tasks) >= self.limit:
+    def room(self, key: str) -> bool:
+        if len(self._running) >= self.limit:
             log.warning(
                 "oncely: %d outcome writes already in the background; key %s waits for its own",
-                len(self._tasks),
+                len(self._running),
                 key,
             )
             return False
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
+        return True
+
+    def _adopted(self, key: str) -> None:
         log.warning(
             "oncely: answered the client of key %s while its outcome is still being written "
             "(%d writes in the background)",
             key,
-            len(self._tasks),
+            len(self._running),
         )
-        return True
+
+
+# Async -------------------------------------------------------------------------------------
+
+
+class BackgroundWrites(_Writes["asyncio.Task[object]"]):
+    """Async writes that outlived their request's answer: bounded, awaited on shutdown."""
+
+    def adopt(self, task: asyncio.Task[object], key: str) -> None:
+        self._running.add(task)
+        task.add_done_callback(self._done)
+        self._adopted(key)
 
     def _done(self, task: asyncio.Task[object]) -> None:
-        self._tasks.discard(task)
+        self._running.discard(task)
         if not task.cancelled():
             task.exception()  # logged where it happened; mark it as seen
 
     async def drain(self) -> None:
         """Wait for every write in the background (each ends when it lands or its lease does)."""
-        if self._tasks:
-            log.warning("oncely: waiting for %d outcome writes before shutdown", len(self._tasks))
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        if self._running:
+            log.warning("oncely: waiting for %d outcome writes before shutdown", len(self._running))
+        while self._running:
+            await asyncio.wait(set(self._running))
 
 
-class _Renewal:
+class _AsyncRenewal:
     """Renews a claim's lease every third of it while the app runs and its outcome is written.
 
     Nothing is scheduled but a timer: a request that ends within a third of its lease costs no
@@ -231,8 +177,7 @@ class _Renewal:
                 backoff *= 2
                 continue
             if not owned:
-                self._lease.lost = True
-                log.warning("oncely: lease lost to another claim of key %s", self._claim.key)
+                _logged_loss(self._lease, self._claim.key)
                 return
             self._lease.renewed(sent)
             backoff = WRITE_RETRY_FIRST
@@ -249,116 +194,272 @@ class _Renewal:
             self._task = None
 
 
+class _AsyncOps:
+    """Performs one operation of the flow against an async store and the app."""
+
+    def __init__(
+        self, store: AsyncStore, run_app: AsyncRunApp | None, store_timeout: float
+    ) -> None:
+        self.store, self.run_app, self.timeout = store, run_app, store_timeout
+        self.limit = _limit(store, store_timeout)
+        self.renewal: _AsyncRenewal | None = None
+
+    async def do(self, op: Op) -> object:
+        store, limit = self.store, self.limit
+        if isinstance(op, Clock):
+            return time.monotonic()
+        if isinstance(op, Claim):
+            return await _call_store(store.claim(op.key, op.fingerprint, lease=op.lease), limit)
+        if isinstance(op, Complete):
+            write = store.complete(
+                op.claim, op.response, ttl=op.ttl, tombstone_ttl=op.tombstone_ttl
+            )
+            return await _call_store(write, limit)
+        if isinstance(op, Release):
+            return await _call_store(store.release(op.claim), limit)
+        if isinstance(op, RecordPhase):
+            return await _call_store(store.record_phase(op.claim, op.name, op.data), limit)
+        if isinstance(op, Sleep):
+            await asyncio.sleep(op.seconds)
+            return None
+        assert isinstance(op, Run), op
+        assert self.run_app is not None
+        if op.claim is not None and op.lease is not None:
+            self.renewal = _AsyncRenewal(store, op.claim, op.lease, self.timeout)
+        return await self.run_app(op.claim, op.lease)
+
+    async def stop(self) -> None:
+        if self.renewal is not None:
+            await self.renewal.stop()
+
+
+async def _arun(
+    steps: Generator[Op, object, T],
+    ops: _AsyncOps,
+    writes: BackgroundWrites | None,
+    value: object = None,
+) -> tuple[T, bool]:
+    """Drive ``steps`` to its end: (its result, whether the rest went to the background)."""
+    send = steps.send
+    while True:
+        try:
+            op = send(value)
+        except StopIteration as done:
+            return done.value, False
+        send = steps.send
+        if isinstance(op, Detach):
+            if writes is None or not writes.room(op.key):
+                value = False
+                continue
+            writes.adopt(asyncio.ensure_future(_arest(steps, ops)), op.key)
+            return op.outcome, True  # type: ignore[return-value]  # T is the flow's Outcome
+        try:
+            value = await ops.do(op)
+        except StoreUnavailable as exc:
+            send, value = steps.throw, exc  # type: ignore[assignment]
+
+
+async def _arest(steps: Generator[Op, object, T], ops: _AsyncOps) -> object:
+    try:
+        return (await _arun(steps, ops, None, True))[0]
+    finally:
+        await ops.stop()
+
+
 async def adrive(
-    flow: Flow,
+    steps: Generator[Op, object, T],
     store: AsyncStore,
-    run_app: RunApp,
+    run_app: AsyncRunApp | None = None,
     *,
-    lease: float,
     store_timeout: float,
     writes: BackgroundWrites | None = None,
-) -> Outcome:
-    """Run ``flow`` to its outcome, doing its operations against ``store`` and ``run_app``.
+) -> T:
+    """Run ``steps`` (a flow, or a write) to its result against ``store`` and ``run_app``.
 
-    With ``writes``, a write after the app that has not landed within ``store_timeout`` of the
-    app's answer goes on there, and the flow learns :class:`Deferred`.
+    With ``writes``, a flow that detaches goes on there and its answer is returned now.
     """
-    # Stores in this process (memory, SQLite) bound their own waits (SQLite's busy_timeout);
-    # a timer per operation would cost more than the operation.
-    limit: float | None = None if getattr(store, "in_process", False) else store_timeout
-    send = flow.send
-    value: object = None
-    held: Lease | None = None
-    renewal: _Renewal | None = None
-    answer_by = 0.0
-    handed_off = False
-
-    async def after_the_app(
-        write: Callable[[], Awaitable[object]], claim: Claimed, what: str
-    ) -> object:
-        nonlocal handed_off
-        try:
-            return await _call_store(write(), limit)  # the usual case: no task, no timer
-        except StoreUnavailable as exc:
-            first = exc
-        key = claim.key
-        if held is None:  # a claim of the caller's: no lease to write under
-            raise first
-        task: asyncio.Task[object] = asyncio.ensure_future(
-            _keep_writing(write, held, limit, renewal, key=key, what=what, error=first)
-        )
-        left = answer_by - time.monotonic()
-        if left > 0:
-            await asyncio.wait({task}, timeout=left)
-        if task.done():
-            return task.result()
-        if writes is not None and writes.adopt(task, key):
-            handed_off = True  # the task stops the renewal when it ends
-            return Deferred()
-        return await asyncio.shield(task)  # a cancelled request leaves its write going on
-
+    ops = _AsyncOps(store, run_app, store_timeout)
+    detached = False
     try:
+        result, detached = await _arun(steps, ops, writes)
+        return result
+    finally:
+        if not detached:
+            await ops.stop()
+
+
+# Sync --------------------------------------------------------------------------------------
+
+
+class BackgroundThreads(_Writes[threading.Thread]):
+    """Blocking writes that outlived their request's answer: bounded, joined by ``drain``.
+
+    The threads are not daemons: an exiting process waits for them (each ends when its write
+    lands or its lease does).
+    """
+
+    def __init__(self, limit: int = BACKGROUND_WRITES_LIMIT) -> None:
+        super().__init__(limit)
+        self._lock = threading.Lock()
+
+    def room(self, key: str) -> bool:
+        with self._lock:
+            return super().room(key)
+
+    def start(self, target: Callable[[], object], key: str) -> None:
+        def run() -> None:
+            try:
+                target()
+            finally:
+                with self._lock:
+                    self._running.discard(thread)
+
+        thread = threading.Thread(target=run, name=f"oncely-write-{key[:8]}")
+        with self._lock:
+            self._running.add(thread)
+        self._adopted(key)
+        thread.start()
+
+    def drain(self) -> None:
+        """Wait for every write in the background."""
         while True:
-            try:
-                op = send(value)
-            except StopIteration as done:
-                outcome: Outcome = done.value
-                return outcome
-            send = flow.send
-            try:
-                if isinstance(op, Claim):
-                    sent = time.monotonic()
-                    value = await _call_store(
-                        store.claim(op.key, op.fingerprint, lease=op.lease), limit
-                    )
-                    if isinstance(value, Claimed):
-                        held = Lease(op.lease, sent)
-                elif isinstance(op, Run):
-                    if op.claim is not None and held is not None:
-                        renewal = _Renewal(store, op.claim, held, store_timeout)
-                    value = await run_app(op.claim, held if op.claim is not None else None)
-                    answer_by = time.monotonic() + store_timeout
-                elif isinstance(op, Complete):
-                    value = await after_the_app(
-                        functools.partial(
-                            store.complete,
-                            op.claim,
-                            op.response,
-                            ttl=op.ttl,
-                            tombstone_ttl=op.tombstone_ttl,
-                        ),
-                        op.claim,
-                        "completion",
-                    )
-                elif isinstance(op, Release):
-                    value = await after_the_app(
-                        functools.partial(store.release, op.claim), op.claim, "release"
-                    )
-                else:
-                    assert isinstance(op, Sleep)
-                    await asyncio.sleep(op.seconds)
-                    value = None
-            except StoreUnavailable as exc:
-                if isinstance(op, Claim):
-                    log.warning("oncely: could not claim key %s: %s", op.key, exc)
-                send, value = flow.throw, exc  # type: ignore[assignment]
-    finally:
-        if renewal is not None and not handed_off:
-            await renewal.stop()
+            with self._lock:
+                threads = list(self._running)
+            if not threads:
+                return
+            log.warning("oncely: waiting for %d outcome writes", len(threads))
+            for thread in threads:
+                thread.join()
 
 
-async def _keep_writing(
-    write: Callable[[], Awaitable[object]],
-    lease: Lease,
-    limit: float | None,
-    renewal: _Renewal | None,
-    *,
-    key: str,
-    what: str,
-    error: StoreUnavailable,
-) -> object:
+class _ThreadRenewal:
+    """The lease renewed from a thread every third of it (see :class:`_AsyncRenewal`)."""
+
+    def __init__(self, store: Store, claim: Claimed, lease: Lease) -> None:
+        self._store, self._claim, self._lease = store, claim, lease
+        self._interval = max(lease.duration / 3, 0.05)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="oncely-renewal", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        pause, backoff = self._interval, WRITE_RETRY_FIRST
+        while not self._stopped.wait(pause):
+            sent = time.monotonic()
+            try:
+                owned = self._store.renew(self._claim, lease=self._lease.duration)
+            except Exception as exc:
+                pause = min(backoff, self._interval, WRITE_RETRY_CAP)
+                backoff *= 2
+                log.warning(
+                    "oncely: lease renewal failed, retrying in %g s: %s",
+                    pause,
+                    _store_error(exc, None),
+                )
+                continue
+            if not owned:
+                _logged_loss(self._lease, self._claim.key)
+                return
+            self._lease.renewed(sent)
+            pause, backoff = self._interval, WRITE_RETRY_FIRST
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+class _SyncOps:
+    """Performs one operation of the flow against a blocking store and the app.
+
+    A blocking call cannot be cut short from outside: the sync stores bound their own waits
+    (connect and statement timeouts, socket timeouts, SQLite's busy_timeout).
+    """
+
+    def __init__(self, store: Store, run_app: SyncRunApp | None) -> None:
+        self.store, self.run_app = store, run_app
+        self.renewal: _ThreadRenewal | None = None
+
+    def do(self, op: Op) -> object:
+        store = self.store
+        if isinstance(op, Clock):
+            return time.monotonic()
+        if isinstance(op, Sleep):
+            time.sleep(op.seconds)
+            return None
+        if isinstance(op, Run):
+            assert self.run_app is not None
+            if op.claim is not None and op.lease is not None:
+                self.renewal = _ThreadRenewal(store, op.claim, op.lease)
+            return self.run_app(op.claim, op.lease)
+        try:
+            if isinstance(op, Claim):
+                return store.claim(op.key, op.fingerprint, lease=op.lease)
+            if isinstance(op, Complete):
+                return store.complete(
+                    op.claim, op.response, ttl=op.ttl, tombstone_ttl=op.tombstone_ttl
+                )
+            if isinstance(op, Release):
+                return store.release(op.claim)
+            assert isinstance(op, RecordPhase), op
+            return store.record_phase(op.claim, op.name, op.data)
+        except Exception as exc:
+            error = _store_error(exc, None)
+            if error is exc:
+                raise
+            raise error from exc
+
+    def stop(self) -> None:
+        if self.renewal is not None:
+            self.renewal.stop()
+
+
+def _run(
+    steps: Generator[Op, object, T],
+    ops: _SyncOps,
+    writes: BackgroundThreads | None,
+    value: object = None,
+) -> tuple[T, bool]:
+    """The blocking twin of :func:`_arun`."""
+    send = steps.send
+    while True:
+        try:
+            op = send(value)
+        except StopIteration as done:
+            return done.value, False
+        send = steps.send
+        if isinstance(op, Detach):
+            if writes is None or not writes.room(op.key):
+                value = False
+                continue
+            writes.start(lambda: _rest(steps, ops), op.key)
+            return op.outcome, True  # type: ignore[return-value]  # T is the flow's Outcome
+        try:
+            value = ops.do(op)
+        except StoreUnavailable as exc:
+            send, value = steps.throw, exc  # type: ignore[assignment]
+
+
+def _rest(steps: Generator[Op, object, T], ops: _SyncOps) -> object:
     try:
-        return await write_while_owned(write, lease, limit, key=key, what=what, error=error)
+        return _run(steps, ops, None, True)[0]
     finally:
-        if renewal is not None:
-            await renewal.stop()
+        ops.stop()
+
+
+def drive(
+    steps: Generator[Op, object, T],
+    store: Store,
+    run_app: SyncRunApp | None = None,
+    *,
+    writes: BackgroundThreads | None = None,
+) -> T:
+    """The blocking twin of :func:`adrive`, for a sync :class:`Store`."""
+    ops = _SyncOps(store, run_app)
+    detached = False
+    try:
+        result, detached = _run(steps, ops, writes)
+        return result
+    finally:
+        if not detached:
+            ops.stop()

@@ -9,7 +9,7 @@ Every error a client can see knows its HTTP answer and renders itself as
     └── ProblemError                  (an HTTP answer for the client)
         ├── MissingKey                400
         ├── MalformedKey              400
-        ├── MissingScope              400
+        ├── MissingTenant             400
         ├── KeyInFlight               409  + Retry-After
         ├── ResponseNotReplayable     410  (the operation completed; its response is not kept:
         │                                   permanent, so retrying clients stop)
@@ -30,7 +30,7 @@ __all__ = [
     "KeyReused",
     "MalformedKey",
     "MissingKey",
-    "MissingScope",
+    "MissingTenant",
     "OncelyError",
     "ProblemError",
     "RequestTooLarge",
@@ -94,7 +94,7 @@ class MalformedKey(ProblemError):
     title = "Malformed idempotency key"
 
 
-class MissingScope(ProblemError):
+class MissingTenant(ProblemError):
     status = 400
     slug = "missing-idempotency-scope"
     title = "Cannot tell whose key this is"

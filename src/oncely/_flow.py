@@ -23,15 +23,28 @@ kept: they ask for the same request elsewhere, which must then be free to run un
 An exception raised after the app sent a whole answer (a framework's error page, a failing
 background task) is judged by that answer's status, as if the app had returned it.
 
-The driver alone renews the lease while the app runs and its outcome is written (a background
-task), because the flow cannot do two things at once; a lost lease shows up as ``Complete``
-returning False. The driver also retries a write after the app while the lease holds (a store
-blip must not cost a second run); one that has not landed within ``store_timeout`` of the app's
-answer comes back as :class:`Deferred`: the client is answered and the write goes on.
+The flow never reads the clock: it yields :class:`Clock` and the driver answers with its
+monotonic time. The lease is the flow's (:class:`Lease`, created when the claim is sent and
+handed to the driver on :class:`Run`): the driver renews it from a timer or a thread while the
+app runs and the outcome is written, because the flow cannot do two things at once, and marks it
+lost when another claim owns the key. A write after the app (complete, release, a checkpoint)
+that fails is tried again by the flow itself while the lease holds (a store blip must not cost a
+second run):
+
+    claim ─ lease ──────────────────────────────────────────────────────────────────► lease ends
+      │ app runs │ write ✗ │ Sleep │ write ✗ │ Sleep …  (renewals keep trying too) │ write ✓
+                 │◄── store_timeout ──►│ Detach: the client gets its answer here at the latest;
+                                         the driver goes on with the flow in the background
+                                         (bounded in number, awaited on shutdown) until the
+                                         write lands, or the lease is lost or about to end
+
+A renewal that gets through extends the time left. Only when the lease is lost (another claim
+owns the key) or about to end is the outcome abandoned, and logged as such.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -43,16 +56,19 @@ __all__ = [
     "DEFAULT_HEADER_ALLOWLIST",
     "AppFailed",
     "Claim",
+    "Clock",
     "Complete",
-    "Deferred",
+    "Detach",
     "Failed",
     "Flow",
     "Fresh",
+    "Lease",
     "Op",
     "Outcome",
     "PassThrough",
     "Policy",
     "Ran",
+    "RecordPhase",
     "Refuse",
     "Release",
     "Replay",
@@ -60,7 +76,16 @@ __all__ = [
     "Sleep",
     "flow",
     "is_kept",
+    "write_while_owned",
 ]
+
+log = logging.getLogger("oncely")
+
+# Pauses between tries of a write after the app ran: doubling from the first, at most the last.
+WRITE_RETRY_FIRST = 0.05
+WRITE_RETRY_CAP = 1.0
+# Seconds of lease below which a write is given up: it could not land in time to matter.
+LEASE_END_MARGIN = 0.02
 
 # Response headers that are part of the answer and safe to keep; never Set-Cookie or Date.
 DEFAULT_HEADER_ALLOWLIST = frozenset(
@@ -90,6 +115,34 @@ class Policy:
     retry_after: float = 1.0
     replay_errors: bool = False
     fail_open: bool = False
+    # Seconds a store operation may take, and the longest the client waits for a write
+    # after the app before it is answered and the write goes on in the background.
+    store_timeout: float = 5.0
+
+
+class Lease:
+    """What this process knows of its claim's lease, on the driver's monotonic clock.
+
+    The store's lease began when the store ran the claim, after it was sent: so the key is
+    surely ours until ``sent + duration`` here, whatever the two clocks read. A renewal that
+    gets through moves that on (``renewed``); one that finds another owner sets ``lost``.
+    """
+
+    __slots__ = ("duration", "lost", "until")
+
+    def __init__(self, duration: float, sent: float) -> None:
+        self.duration = duration
+        self.until = sent + duration
+        self.lost = False
+
+    def renewed(self, sent: float) -> None:
+        self.until = max(self.until, sent + self.duration)
+
+    def left(self, now: float) -> float:
+        return self.until - now
+
+    def __repr__(self) -> str:
+        return f"Lease({self.duration:g} s, until={self.until:g}, lost={self.lost})"
 
 
 # Operations the flow yields ---------------------------------------------------------------
@@ -103,10 +156,20 @@ class Claim:
 
 
 @dataclass(frozen=True, slots=True)
+class Clock:
+    """Read the driver's monotonic clock: the result is seconds, as a float."""
+
+
+@dataclass(frozen=True, slots=True)
 class Run:
-    """Run the app once; the driver answers with :class:`Ran` or :class:`AppFailed`."""
+    """Run the app once; the driver answers with :class:`Ran` or :class:`AppFailed`.
+
+    With a claim comes its ``lease``, which the driver renews while the app runs and the
+    outcome is written (and marks lost when another claim owns the key).
+    """
 
     claim: Claimed | None
+    lease: Lease | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,11 +186,30 @@ class Release:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordPhase:
+    claim: Claimed
+    name: str
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
 class Sleep:
     seconds: float
 
 
-Op = Claim | Run | Complete | Release | Sleep
+@dataclass(frozen=True, slots=True)
+class Detach:
+    """Answer the client now with ``outcome``, and go on driving this flow in the background.
+
+    The result is True when the driver did (the flow's own outcome is then only logged), False
+    when it cannot (too many writes in the background already): the client waits for its own.
+    """
+
+    outcome: Outcome
+    key: str
+
+
+Op = Clock | Claim | Run | Complete | Release | RecordPhase | Sleep | Detach
 
 # Results of Run ---------------------------------------------------------------------------
 
@@ -155,12 +237,6 @@ class AppFailed:
     error: BaseException
     started: bool
     response: Ran | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Deferred:
-    """The result of a write after the app that has not landed yet: the driver answers the
-    client now and goes on writing (see ``_drive``)."""
 
 
 # Outcomes ---------------------------------------------------------------------------------
@@ -303,6 +379,91 @@ def _to_store(ran: Ran, allowlist: frozenset[str]) -> StoredResponse:
     return StoredResponse(status=ran.status, headers=headers, body=ran.body)
 
 
+def _clock() -> Generator[Op, object, float]:
+    """The driver's monotonic time."""
+    now = yield Clock()
+    assert isinstance(now, float)
+    return now
+
+
+def write_while_owned(
+    op: Complete | Release | RecordPhase,
+    lease: Lease,
+    *,
+    what: str,
+    answer_by: float | None = None,
+    answer: Outcome | None = None,
+) -> Generator[Op, object, object]:
+    """Yield ``op`` until it lands, with backoff, while the lease holds; its result.
+
+    False once the lease is lost (the write is fenced: it would change nothing); the last
+    :class:`StoreUnavailable` when the lease is about to end. With ``answer``, past
+    ``answer_by`` the client is answered with it (:class:`Detach`) while the tries go on.
+    """
+    key = op.claim.key
+    delay, tries = WRITE_RETRY_FIRST, 0
+    first_failure: float | None = None
+    detached = answer is None or answer_by is None
+    while True:
+        tries += 1
+        try:
+            result = yield op
+        except StoreUnavailable as exc:
+            error = exc
+        else:
+            if first_failure is not None:
+                now = yield from _clock()
+                log.warning(
+                    "oncely: wrote the %s of key %s after %d tries in %.1f s",
+                    what,
+                    key,
+                    tries,
+                    now - first_failure,
+                )
+            return result
+        now = yield from _clock()
+        if first_failure is None:
+            first_failure = now
+        if lease.lost:
+            log.error("oncely: abandoned the %s of key %s: its lease was lost", what, key)
+            return False
+        # Renewals that get through extend the lease, but a store that answers renewals and
+        # keeps refusing this write (a value it will never take) must not hold the key for
+        # ever: the tries last one lease at most from the first failure.
+        left = min(lease.left(now), first_failure + lease.duration - now)
+        if left <= LEASE_END_MARGIN:
+            log.error(
+                "oncely: abandoned the %s of key %s after %d tries in %.1f s: the lease ends "
+                "(or a lease's worth of tries is spent) and the store still fails (%s); a "
+                "retry after the lease will run the request again",
+                what,
+                key,
+                tries,
+                now - first_failure,
+                error,
+            )
+            raise error
+        pause = min(delay, left / 2)  # a renewal may extend the lease meanwhile
+        if not detached:
+            assert answer is not None
+            assert answer_by is not None
+            if now >= answer_by:
+                detached = True
+                yield Detach(answer, key)
+            else:
+                pause = min(pause, answer_by - now)
+        log.warning(
+            "oncely: the %s of key %s failed, retrying in %.2g s (%.1f s of lease left): %s",
+            what,
+            key,
+            pause,
+            left,
+            error,
+        )
+        yield Sleep(pause)
+        delay = min(delay * 2, WRITE_RETRY_CAP)
+
+
 def flow(
     key: str,
     fingerprint: str,
@@ -313,9 +474,11 @@ def flow(
     """Decide the fate of one keyed request; see the module docstring."""
     polls = math.ceil(policy.wait / policy.poll_interval) if policy.wait > 0 else 0
     while True:
+        sent = yield from _clock()
         try:
             claimed = yield Claim(key, fingerprint, policy.lease)
         except StoreUnavailable as exc:
+            log.warning("oncely: could not claim key %s: %s", key, exc)
             if policy.fail_open:
                 result = yield Run(None)
                 if isinstance(result, AppFailed):
@@ -333,7 +496,10 @@ def flow(
         polls -= 1
         yield Sleep(policy.poll_interval)
 
-    result = yield Run(claimed)
+    lease = Lease(policy.lease, sent)
+    result = yield Run(claimed, lease)
+    answered = yield from _clock()
+    answer_by = answered + policy.store_timeout
 
     if isinstance(result, AppFailed):
         response = None
@@ -347,29 +513,37 @@ def flow(
                 headers=(("content-type", "application/problem+json"),),
                 body=INTERNAL_ERROR_BODY,
             )
+        failed = Failed(result.error, response)
         try:
-            if response is not None:
-                yield Complete(claimed, response, policy.ttl, policy.tombstone_ttl)
-            else:
-                yield Release(claimed)
+            yield from write_while_owned(
+                Release(claimed)
+                if response is None
+                else Complete(claimed, response, policy.ttl, policy.tombstone_ttl),
+                lease,
+                what="release" if response is None else "completion",
+                answer_by=answer_by,
+                answer=failed,
+            )
         except StoreUnavailable as exc:
             return Failed(result.error, response, store_error=exc)
-        return Failed(result.error, response)
+        return failed
 
     assert isinstance(result, Ran)
     if result.completed:
         return Fresh(stored=True)  # the app committed its response with its effect
+    kept = is_kept(result.status, replay_errors=policy.replay_errors)
     try:
-        if is_kept(result.status, replay_errors=policy.replay_errors):
-            done = yield Complete(
-                claimed, _to_store(result, header_allowlist), policy.ttl, policy.tombstone_ttl
-            )
-            if isinstance(done, Deferred):
-                return Fresh(stored=False, deferred=True)
-            return Fresh(stored=bool(done), lost_lease=not done, superseded=not done)
-        released = yield Release(claimed)
-        if isinstance(released, Deferred):
-            return Fresh(stored=False, deferred=True)
-        return Fresh(stored=False, lost_lease=not released)
+        done = yield from write_while_owned(
+            Complete(claimed, _to_store(result, header_allowlist), policy.ttl, policy.tombstone_ttl)
+            if kept
+            else Release(claimed),
+            lease,
+            what="completion" if kept else "release",
+            answer_by=answer_by,
+            answer=Fresh(stored=False, deferred=True),
+        )
     except StoreUnavailable as exc:
         return Fresh(stored=False, store_error=exc)
+    if kept:
+        return Fresh(stored=bool(done), lost_lease=not done, superseded=not done)
+    return Fresh(stored=False, lost_lease=not done)

@@ -3,7 +3,7 @@
 The header value is either the IETF draft's Structured Field string (``"8e03978e-..."``,
 RFC 8941 sf-string) or Stripe's bare token. Either way the key itself must be 1-255 visible
 ASCII characters (``%x21-7E``). The raw key is never stored: the storage key is a hash of the
-tenant scope and the key, so two tenants' identical keys never meet.
+tenant and the key, so two tenants' identical keys never meet.
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ def parse_key(raw: bytes | str) -> str:
     return key
 
 
-def storage_key(scope: str, key: str, namespace: str = "") -> str:
-    """The key a store keeps: a hash of (namespace, scope, key), never the raw key."""
+def storage_key(tenant: str, key: str, namespace: str = "") -> str:
+    """The key a store keeps: a hash of (namespace, tenant, key), never the raw key."""
     h = hashlib.sha256()
-    for part in (namespace, scope, key):
+    for part in (namespace, tenant, key):
         encoded = part.encode("utf-8", "surrogatepass")
         h.update(len(encoded).to_bytes(4, "big"))
         h.update(encoded)

@@ -33,7 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from oncely import OncelyError, current_attempt, open_async_store, scope_from_header
+from oncely import OncelyError, current_attempt, open_async_store, tenant_from_header
 from oncely.asgi import IdempotencyMiddleware
 
 STORE = os.environ.get("ONCELY_TEST_STORE", "memory:")
@@ -119,7 +119,7 @@ app = IdempotencyMiddleware(
         ]
     ),
     store=open_async_store(STORE, **STORE_OPTIONS) if STORE_OPTIONS else STORE,
-    scope=scope_from_header("X-Tenant-Id"),
+    tenant=tenant_from_header("X-Tenant-Id"),
     lease=LEASE,
     store_timeout=STORE_TIMEOUT,
 )

@@ -90,7 +90,7 @@ def tenant_of(authorization: str | None) -> str | None:
     return "ten_" + hashlib.sha256(token.encode()).hexdigest()[:32]
 
 
-def _scope(request: OncelyRequest) -> str | None:
+def _idempotency_tenant(request: OncelyRequest) -> str | None:
     return tenant_of(request.headers.get("authorization"))
 
 
@@ -617,7 +617,7 @@ def create_app(settings: Settings) -> Service:
     api = _build_api(handlers, lifespan)
     idempotency = IdempotencyMiddleware(
         api,
-        scope=_scope,
+        tenant=_idempotency_tenant,
         store=store,
         methods=("POST", "PATCH"),
         routes=[
