@@ -183,7 +183,7 @@ async def test_renewals_that_get_through_extend_the_time_a_completion_is_retried
     store = FlakyStore()
     store.down.add("complete")
     api = Api(delay=0.5)
-    mw = IdempotencyMiddleware(api.app(), store=store, scope=TENANT, store_timeout=0.05, lease=0.6)
+    mw = IdempotencyMiddleware(api.app(), store=store, tenant=TENANT, store_timeout=0.05, lease=0.6)
     transport = httpx.ASGITransport(app=mw)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
         key = new_key()
