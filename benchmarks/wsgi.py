@@ -80,7 +80,7 @@ def wrk(url: str, mode: str, nonce: str, seconds: float, connections: int) -> fl
                          "Content-Type": "application/json"},
             )  # fmt: skip
     done = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(HERE / "load.lua"),
+        ["wrk", "-t1", f"-c{connections}", f"-d{int(seconds)}s", "-s", str(HERE / "load.lua"),
          url, "--", mode, nonce, "16", "acme"],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
@@ -137,7 +137,7 @@ def clean_up(prefix: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--connections", type=int, default=16)
     args = parser.parse_args()

@@ -175,7 +175,16 @@ def idempotent(
                 ) from exc
             return Ran(200, (("content-type", "application/json"),), body)
 
-        def raised(exc: Exception) -> Ran | AppFailed:
+        def returned(value: Any, results: list[Any]) -> Ran | AppFailed:
+            """What the call came to, once it returned ``value``."""
+            results[0] = value
+            try:
+                return ran(value)
+            except ResultNotEncodable as exc:
+                return AppFailed(exc, started=False)
+
+        def raised(exc: Exception, results: list[Any]) -> Ran | AppFailed:
+            results[0] = exc
             if isinstance(exc, replay_exceptions):
                 name = f"{type(exc).__module__}:{type(exc).__qualname__}"
                 body = json.dumps([_plain(a) for a in exc.args]).encode()
@@ -211,13 +220,8 @@ def idempotent(
                         try:
                             value = await fn(*args, **kwargs)  # type: ignore[misc]
                         except Exception as exc:
-                            results[0] = exc
-                            return raised(exc)
-                    results[0] = value
-                    try:
-                        return ran(value)
-                    except ResultNotEncodable as exc:
-                        return AppFailed(exc, started=False)
+                            return raised(exc, results)
+                    return returned(value, results)
 
                 outcome = await adrive(
                     steps(args, kwargs), the_store(), run, store_timeout=store_timeout
@@ -235,13 +239,8 @@ def idempotent(
                     try:
                         value = fn(*args, **kwargs)
                     except Exception as exc:
-                        results[0] = exc
-                        return raised(exc)
-                results[0] = value
-                try:
-                    return ran(value)
-                except ResultNotEncodable as exc:
-                    return AppFailed(exc, started=False)
+                        return raised(exc, results)
+                return returned(value, results)
 
             return cast(R, settled(drive(steps(args, kwargs), the_store(), run), results))
 
