@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+import oncely
 import oncely.asgi
 import oncely.wsgi
 from oncely import Claimed, StoreUnavailable, fingerprint, storage_key, tenant_from_header
@@ -281,3 +282,60 @@ async def test_a_crashed_holders_key_is_taken_over_after_its_lease(surface_kind:
     assert after.status_code == 201
     assert again.content == after.content
     assert api.world.runs["pay"] == 1
+
+
+def test_a_sync_checkpoint_under_wsgi_is_kept_and_resumed_from() -> None:
+    """``checkpoint_sync`` records a recovery point on the store's sync side; the repeat after
+    a release sees it, and the phase does not run again."""
+    store = MemoryStore()
+    phases_run: Counter[str] = Counter()
+    app = flask.Flask(__name__)
+
+    @app.post("/pay")
+    def pay() -> flask.Response:
+        attempt = oncely.current_attempt()
+        if not attempt.done("created"):
+            phases_run["created"] += 1
+            attempt.checkpoint_sync("created", {"id": "pay_1"})
+        if attempt.number == 1:
+            return flask.Response("try again", status=503)  # released: the retry resumes
+        return flask.Response(json.dumps(attempt.data("created")), status=201)
+
+    app.wsgi_app = oncely.wsgi.IdempotencyMiddleware(  # type: ignore[method-assign]
+        app.wsgi_app, store=store, tenant=TENANT, lease=LEASE
+    )
+    key = str(uuid.uuid4())
+    with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://api") as client:
+        first = client.post("/pay", headers={"Idempotency-Key": key, "X-Tenant-Id": "acme"})
+        second = client.post("/pay", headers={"Idempotency-Key": key, "X-Tenant-Id": "acme"})
+    assert first.status_code == 503
+    assert second.status_code == 201
+    assert second.json() == {"id": "pay_1"}
+    assert phases_run["created"] == 1
+
+
+async def test_a_sync_checkpoint_on_an_async_store_says_what_to_call() -> None:
+    """Under ASGI the store is async: ``checkpoint_sync`` refuses and names the async call."""
+    outcome: list[str] = []
+
+    async def pay(request: Request) -> Response:
+        try:
+            oncely.current_attempt().checkpoint_sync("created", {"id": "pay_1"})
+        except oncely.ConfigurationError as exc:
+            outcome.append(str(exc))
+        return JSONResponse({}, status_code=201)
+
+    app = oncely.asgi.IdempotencyMiddleware(
+        Starlette(routes=[Route("/pay", pay, methods=["POST"])]),
+        store=AsyncMemoryStore(),
+        tenant=TENANT,
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        answer = await client.post(
+            "/pay", headers={"Idempotency-Key": str(uuid.uuid4()), "X-Tenant-Id": "acme"}
+        )
+    await app.aclose()
+    assert answer.status_code == 201
+    assert len(outcome) == 1
+    assert "await attempt.checkpoint" in outcome[0]

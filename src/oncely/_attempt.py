@@ -44,15 +44,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import inspect
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from ._codec import Claimed, StoredResponse
-from ._drive import adrive
+from ._drive import adrive, drive
 from ._errors import ConfigurationError, OncelyError
 from ._flow import Lease, Policy, RecordPhase, write_while_owned
-from .stores import AsyncStore
+from .stores import AsyncStore, Store
 
 __all__ = [
     "Attempt",
@@ -276,6 +277,29 @@ class Attempt:
                 what=f"recovery point {name!r}",
             )
             owned = await adrive(write, store, store_timeout=self._store_timeout)
+        if not owned:
+            raise LeaseLost(f"key {self.key} was taken over")
+        self._phases[name] = json.loads(encoded)
+
+    def checkpoint_sync(self, name: str, data: Any = None) -> None:
+        """:meth:`checkpoint` for a sync store (the WSGI middleware, a sync ``@idempotent``):
+        the recovery point in the store's own round trip, retried while the lease holds."""
+        encoded = self._encode(name, data)
+        store: Store = self._store
+        if inspect.iscoroutinefunction(store.record_phase):
+            raise ConfigurationError(
+                "this attempt runs on an async store: use await attempt.checkpoint(name, data)"
+            )
+        owned: object
+        if self._lease is None:
+            owned = store.record_phase(self._claim, name, encoded)
+        else:
+            write = write_while_owned(
+                RecordPhase(self._claim, name, encoded),
+                self._lease,
+                what=f"recovery point {name!r}",
+            )
+            owned = drive(write, store)
         if not owned:
             raise LeaseLost(f"key {self.key} was taken over")
         self._phases[name] = json.loads(encoded)
