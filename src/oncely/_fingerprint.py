@@ -38,7 +38,8 @@ def _is_json(mt: str) -> bool:
 
 def normalize_query(query: str) -> str:
     pairs = parse_qsl(query, keep_blank_values=True)
-    return urlencode(sorted(pairs))
+    # surrogatepass, as for every other part: a str from Python code may hold a lone surrogate.
+    return urlencode(sorted(pairs), encoding="utf-8", errors="surrogatepass")
 
 
 def _number(text: str) -> object:
