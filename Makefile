@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck demo bench clean
+.PHONY: test lint typecheck demo bench verify clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ demo: $(STAMP)
 # Load benchmarks (by hand, minutes; see benchmarks/README.md): make bench ARGS="--quick"
 bench:
 	$(PYTHON) benchmarks/run.py $(ARGS)
+
+# The exhaustive interleaving check at deeper bounds than make test (minutes; docs/verification.md)
+verify: $(STAMP)
+	$(BIN)/python -m tests.verify
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
