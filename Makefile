@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: test lint typecheck demo bench verify clean
+.PHONY: test lint typecheck demo nemesis bench verify clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: lint typecheck
 # make demo ARGS="--store postgresql://postgres@127.0.0.1:5432/test --intents 500"
 demo: $(STAMP)
 	$(BIN)/python -m oncely_payments.demo $(ARGS)
+
+# The nemesis (about 5 minutes): several service processes on each store under SIGKILL,
+# SIGSTOP, store connection faults and duplicated retries, then an audit (docs/nemesis.md);
+# make nemesis ARGS="--store postgresql --duration 60 --json nemesis.json"
+nemesis: $(STAMP)
+	$(BIN)/python -m oncely_payments.nemesis $(ARGS)
 
 # Load benchmarks (by hand, minutes; see benchmarks/README.md): make bench ARGS="--quick"
 bench:
