@@ -110,10 +110,12 @@ def check_everything(
     executed, replayed = events[0], events[1]
     assert executed.attempt == 1
     assert executed.response_size == replayed.response_size
-    assert executed.response_size is not None and executed.response_size > 0
+    assert executed.response_size is not None
+    assert executed.response_size > 0
     assert [op.name for op in executed.operations] == ["claim", "complete"]
     assert [op.failed for op in events[4].operations] == [True]
-    assert executed.key_hash is not None and len(executed.key_hash) == 16
+    assert executed.key_hash is not None
+    assert len(executed.key_hash) == 16
     assert len({e.key_hash for e in events[:3]}) == 1
     assert events[0].tenant_hash is not None
     for outcome in SCENARIO:
