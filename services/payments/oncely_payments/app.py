@@ -5,8 +5,8 @@
 Layers, outermost first:
 
 1. :class:`Service`: every request but ``/health``, ``/metrics`` and the docs needs
-   ``Authorization: Bearer <api key>``; any non-empty key names a tenant (a real deployment plugs in its own
-   authentication). Without one: 401, before anything else runs.
+   ``Authorization: Bearer <api key>``; any non-empty key names a tenant (a real deployment
+   plugs in its own authentication). Without one: 401, before anything else runs.
 2. oncely's ``IdempotencyMiddleware``, scoped by tenant: ``POST /payments``, ``POST /orders``
    and ``POST /orders/{id}/pay`` require an ``Idempotency-Key`` (400 without);
    ``PATCH /orders/{id}`` and ``PUT /orders/{id}`` are protected when they carry one.
