@@ -295,3 +295,61 @@ def test_no_hook_and_logging_off_means_no_watch() -> None:
         assert app.observer.start("POST", {}, None) is None
     finally:
         logging.getLogger("oncely.decisions").setLevel(logging.NOTSET)
+
+
+async def test_spans_for_claim_complete_and_replay_under_the_request_span() -> None:
+    """Child spans of the request's span; a mismatch is an attribute, a store outage the only
+    error status."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from oncely.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+
+    async def pay(request: StarletteRequest) -> JSONResponse:
+        return JSONResponse({"ok": True}, status_code=201)
+
+    store = AsyncDownStore()
+    app = asgi.IdempotencyMiddleware(
+        Starlette(routes=[StarletteRoute("/payments/{id}", pay, methods=["POST"])]),
+        store=store,
+        tenant=tenant_from_header("X-Api-Key"),
+        on_decision=Tracing(provider),
+    )
+    h = {"idempotency-key": KEY, "x-api-key": TENANT}
+    names: list[list[str]] = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        for body, down in (({"a": 1}, False), ({"a": 1}, False), ({"a": 2}, False), ({}, True)):
+            store.down = down
+            exporter.clear()
+            with tracer.start_as_current_span("request") as request_span:
+                await c.post("/payments/1", headers=h, json=body)
+            spans = exporter.get_finished_spans()
+            parent = request_span.get_span_context().span_id
+            children = [s for s in spans if s.name.startswith("oncely.")]
+            assert {s.parent.span_id for s in children if s.parent} == {parent}
+            assert len([s for s in children if s.parent]) == len(children)
+            names.append([s.name for s in children])
+            errors = [s.name for s in spans if s.status.status_code is StatusCode.ERROR]
+            assert errors == (["oncely.claim"] if down else [])
+            request = next(s for s in spans if s.name == "request")
+            assert request.attributes is not None
+            outcome = request.attributes["oncely.outcome"]
+            if body == {"a": 2}:
+                claim = next(s for s in children if s.name == "oncely.claim")
+                assert claim.attributes is not None
+                assert claim.attributes["oncely.conflict"] == "payload_mismatch"
+                assert claim.attributes["oncely.route"] == "/payments/{id}"
+            assert outcome in ("executed", "replayed", "payload_mismatch", "store_unavailable")
+    assert names == [
+        ["oncely.claim", "oncely.complete"],
+        ["oncely.claim", "oncely.replay"],
+        ["oncely.claim"],
+        ["oncely.claim"],
+    ]
