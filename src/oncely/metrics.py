@@ -111,6 +111,8 @@ class Metrics:
         self.hook_failures = Counter(
             "oncely_hook_failures", "on_decision hooks that raised", registry=registry
         )
+        self._counters: dict[tuple[str, str, str], Counter] = {}
+        self._timers: dict[tuple[str, str], Histogram] = {}
         self.in_flight: InFlightCollector | None = None
         if store is not None and callable(getattr(store, "stats", None)):
             self.in_flight = InFlightCollector(store)
@@ -125,10 +127,19 @@ class Metrics:
         self.hook_failures.inc()
 
     def __call__(self, decision: Decision) -> None:
-        if decision.outcome not in OUTCOMES:
-            return  # a bounded label set: nothing else is counted
-        self.decisions.labels(decision.outcome, decision.route, decision.surface).inc()
+        # The labelled children are kept: ``labels()`` costs more than the count itself.
+        labels = (decision.outcome, decision.route, decision.surface)
+        counter = self._counters.get(labels)
+        if counter is None:
+            if decision.outcome not in OUTCOMES:
+                return  # a bounded label set: nothing else is counted
+            counter = self._counters[labels] = self.decisions.labels(*labels)
+        counter.inc()
         for op in decision.operations:
-            self.operations.labels(decision.store, op.name).observe(op.seconds)
+            timer = self._timers.get((decision.store, op.name))
+            if timer is None:
+                timer = self.operations.labels(decision.store, op.name)
+                self._timers[(decision.store, op.name)] = timer
+            timer.observe(op.seconds)
         if decision.outcome == "executed" and decision.response_size is not None:
             self.sizes.labels(decision.surface).observe(decision.response_size)
