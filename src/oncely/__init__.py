@@ -8,6 +8,8 @@ app = IdempotencyMiddleware(
 )
 """
 
+import logging
+
 from ._attempt import Attempt, LeaseLost, TransactionalStore, current_attempt
 from ._codec import Claimed, Existing, Record, State, StoredResponse
 from ._config import (
@@ -37,6 +39,10 @@ from .decorator import Codec, ResultNotEncodable, idempotent
 from .stores import AsyncStore, Store, open_async_store, open_store
 
 __version__ = "0.1.0"
+
+# A library logs, the application decides where to (and ``oncely.decisions`` stays silent and
+# free until someone enables it for INFO).
+logging.getLogger("oncely").addHandler(logging.NullHandler())
 
 __all__ = [
     "AsyncStore",

@@ -14,6 +14,8 @@ from typing import Any, TypedDict, overload
 
 from ._errors import ConfigurationError
 from ._flow import DEFAULT_HEADER_ALLOWLIST, Policy
+from ._observe import hooks_of
+from .events import DecisionHook
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -191,6 +193,7 @@ class Settings(TypedDict, total=False):
     retry_after: float
     header_allowlist: Iterable[str]
     namespace: str
+    on_decision: DecisionHook | Iterable[DecisionHook] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +204,8 @@ class Resolved:
     policy: Policy
     required: bool
     ignore_fields: tuple[str, ...]
+    #: The pattern of the Route that matched (None: the middleware's defaults applied).
+    route: str | None = None
 
 
 class Options:
@@ -227,6 +232,7 @@ class Options:
         retry_after: float = 1.0,
         header_allowlist: Iterable[str] = DEFAULT_HEADER_ALLOWLIST,
         namespace: str = "",
+        on_decision: DecisionHook | Iterable[DecisionHook] | None = None,
     ) -> None:
         if not callable(tenant):
             raise ConfigurationError(
@@ -244,6 +250,7 @@ class Options:
         self.max_response_body = max_response_body
         self.store_timeout = store_timeout
         self.namespace = namespace
+        self.on_decision = hooks_of(on_decision)
         self.header_allowlist = frozenset(h.lower() for h in header_allowlist)
         self.policy = Policy(
             lease=lease,
@@ -286,4 +293,6 @@ class Options:
             if getattr(route, name) is not None
         }
         policy = dataclasses.replace(self.policy, **overrides)
-        return Resolved(policy, route.required, self.ignore_fields + route.ignore_fields)
+        return Resolved(
+            policy, route.required, self.ignore_fields + route.ignore_fields, route.path
+        )

@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Generic, TypeVar
 
-from ._codec import Claimed
+from ._codec import Claimed, Existing
 from ._errors import StoreUnavailable
 from ._flow import (
     WRITE_RETRY_CAP,
@@ -39,6 +39,8 @@ from ._flow import (
     Run,
     Sleep,
 )
+from ._keys import Hashed, key_hash
+from ._observe import Watch
 from .stores import AsyncStore, Store
 
 __all__ = ["BackgroundThreads", "BackgroundWrites", "adrive", "drive"]
@@ -85,9 +87,27 @@ def _limit(store: object, store_timeout: float) -> float | None:
     return None if getattr(store, "in_process", False) else store_timeout
 
 
+_OP_NAMES: dict[type, str] = {
+    Claim: "claim",
+    Complete: "complete",
+    Release: "release",
+    RecordPhase: "record_phase",
+}
+
+
+def _noted(watch: Watch, op: Op, result: object) -> None:
+    """What a decision reports of a store operation's result: the attempt, the size kept."""
+    if isinstance(result, Claimed):
+        watch.attempt = result.attempt
+    elif isinstance(result, Existing):
+        watch.attempt = result.record.attempt
+    elif isinstance(op, Complete) and result is not False:
+        watch.kept_size = len(op.response.body)
+
+
 def _logged_loss(lease: Lease, key: str) -> None:
     lease.lost = True
-    log.warning("oncely: lease lost to another claim of key %s", key)
+    log.warning("oncely: lease lost to another claim of key %s", Hashed(key))
 
 
 class _Writes(Generic[T]):
@@ -105,7 +125,7 @@ class _Writes(Generic[T]):
             log.warning(
                 "oncely: %d outcome writes already in the background; key %s waits for its own",
                 len(self._running),
-                key,
+                Hashed(key),
             )
             return False
         return True
@@ -114,7 +134,7 @@ class _Writes(Generic[T]):
         log.warning(
             "oncely: answered the client of key %s while its outcome is still being written "
             "(%d writes in the background)",
-            key,
+            Hashed(key),
             len(self._running),
         )
 
@@ -198,35 +218,54 @@ class _AsyncOps:
     """Performs one operation of the flow against an async store and the app."""
 
     def __init__(
-        self, store: AsyncStore, run_app: AsyncRunApp | None, store_timeout: float
+        self,
+        store: AsyncStore,
+        run_app: AsyncRunApp | None,
+        store_timeout: float,
+        watch: Watch | None = None,
     ) -> None:
         self.store, self.run_app, self.timeout = store, run_app, store_timeout
         self.limit = _limit(store, store_timeout)
         self.renewal: _AsyncRenewal | None = None
+        self.watch = watch
 
     async def do(self, op: Op) -> object:
         store, limit = self.store, self.limit
         if isinstance(op, Clock):
             return time.monotonic()
-        if isinstance(op, Claim):
-            return await _call_store(store.claim(op.key, op.fingerprint, lease=op.lease), limit)
-        if isinstance(op, Complete):
-            write = store.complete(
-                op.claim, op.response, ttl=op.ttl, tombstone_ttl=op.tombstone_ttl
-            )
-            return await _call_store(write, limit)
-        if isinstance(op, Release):
-            return await _call_store(store.release(op.claim), limit)
-        if isinstance(op, RecordPhase):
-            return await _call_store(store.record_phase(op.claim, op.name, op.data), limit)
         if isinstance(op, Sleep):
             await asyncio.sleep(op.seconds)
             return None
-        assert isinstance(op, Run), op
-        assert self.run_app is not None
-        if op.claim is not None and op.lease is not None:
-            self.renewal = _AsyncRenewal(store, op.claim, op.lease, self.timeout)
-        return await self.run_app(op.claim, op.lease)
+        if isinstance(op, Run):
+            assert self.run_app is not None
+            if op.claim is not None and op.lease is not None:
+                self.renewal = _AsyncRenewal(store, op.claim, op.lease, self.timeout)
+            ran = await self.run_app(op.claim, op.lease)
+            if self.watch is not None:
+                self.watch.ran = ran
+            return ran
+        call: Awaitable[object]
+        if isinstance(op, Claim):
+            call = store.claim(op.key, op.fingerprint, lease=op.lease)
+        elif isinstance(op, Complete):
+            call = store.complete(op.claim, op.response, ttl=op.ttl, tombstone_ttl=op.tombstone_ttl)
+        elif isinstance(op, Release):
+            call = store.release(op.claim)
+        else:
+            assert isinstance(op, RecordPhase), op
+            call = store.record_phase(op.claim, op.name, op.data)
+        watch = self.watch
+        if watch is None:
+            return await _call_store(call, limit)
+        wall, began = time.time(), time.perf_counter()
+        try:
+            result = await _call_store(call, limit)
+        except StoreUnavailable:
+            watch.operation(_OP_NAMES[type(op)], wall, began, failed=True)
+            raise
+        watch.operation(_OP_NAMES[type(op)], wall, began, failed=False)
+        _noted(watch, op, result)
+        return result
 
     async def stop(self) -> None:
         if self.renewal is not None:
@@ -273,19 +312,23 @@ async def adrive(
     *,
     store_timeout: float,
     writes: BackgroundWrites | None = None,
+    watch: Watch | None = None,
 ) -> T:
     """Run ``steps`` (a flow, or a write) to its result against ``store`` and ``run_app``.
 
-    With ``writes``, a flow that detaches goes on there and its answer is returned now.
+    With ``writes``, a flow that detaches goes on there and its answer is returned now. With
+    ``watch`` (a flow's), its store operations are timed and its decision is emitted.
     """
-    ops = _AsyncOps(store, run_app, store_timeout)
+    ops = _AsyncOps(store, run_app, store_timeout, watch)
     detached = False
     try:
         result, detached = await _arun(steps, ops, writes)
-        return result
     finally:
         if not detached:
             await ops.stop()
+    if watch is not None:
+        await watch.observer.aemit(watch.decided(result))  # type: ignore[arg-type]  # a flow's
+    return result
 
 
 # Sync --------------------------------------------------------------------------------------
@@ -314,7 +357,7 @@ class BackgroundThreads(_Writes[threading.Thread]):
                 with self._lock:
                     self._running.discard(thread)
 
-        thread = threading.Thread(target=run, name=f"oncely-write-{key[:8]}")
+        thread = threading.Thread(target=run, name=f"oncely-write-{key_hash(key)[:8]}")
         with self._lock:
             self._running.add(thread)
         self._adopted(key)
@@ -376,9 +419,12 @@ class _SyncOps:
     (connect and statement timeouts, socket timeouts, SQLite's busy_timeout).
     """
 
-    def __init__(self, store: Store, run_app: SyncRunApp | None) -> None:
+    def __init__(
+        self, store: Store, run_app: SyncRunApp | None, watch: Watch | None = None
+    ) -> None:
         self.store, self.run_app = store, run_app
         self.renewal: _ThreadRenewal | None = None
+        self.watch = watch
 
     def do(self, op: Op) -> object:
         store = self.store
@@ -391,7 +437,25 @@ class _SyncOps:
             assert self.run_app is not None
             if op.claim is not None and op.lease is not None:
                 self.renewal = _ThreadRenewal(store, op.claim, op.lease)
-            return self.run_app(op.claim, op.lease)
+            ran = self.run_app(op.claim, op.lease)
+            if self.watch is not None:
+                self.watch.ran = ran
+            return ran
+        watch = self.watch
+        if watch is None:
+            return self._store_op(op)
+        wall, began = time.time(), time.perf_counter()
+        try:
+            result = self._store_op(op)
+        except StoreUnavailable:
+            watch.operation(_OP_NAMES[type(op)], wall, began, failed=True)
+            raise
+        watch.operation(_OP_NAMES[type(op)], wall, began, failed=False)
+        _noted(watch, op, result)
+        return result
+
+    def _store_op(self, op: Op) -> object:
+        store = self.store
         try:
             if isinstance(op, Claim):
                 return store.claim(op.key, op.fingerprint, lease=op.lease)
@@ -453,13 +517,16 @@ def drive(
     run_app: SyncRunApp | None = None,
     *,
     writes: BackgroundThreads | None = None,
+    watch: Watch | None = None,
 ) -> T:
     """The blocking twin of :func:`adrive`, for a sync :class:`Store`."""
-    ops = _SyncOps(store, run_app)
+    ops = _SyncOps(store, run_app, watch)
     detached = False
     try:
         result, detached = _run(steps, ops, writes)
-        return result
     finally:
         if not detached:
             ops.stop()
+    if watch is not None:
+        watch.observer.emit(watch.decided(result))  # type: ignore[arg-type]  # a flow's
+    return result

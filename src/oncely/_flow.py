@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from ._codec import Claimed, Existing, State, StoredResponse
 from ._errors import KeyInFlight, KeyReused, ProblemError, ResponseNotReplayable, StoreUnavailable
+from ._keys import Hashed
 
 __all__ = [
     "DEFAULT_HEADER_ALLOWLIST",
@@ -401,6 +402,7 @@ def write_while_owned(
     ``answer_by`` the client is answered with it (:class:`Detach`) while the tries go on.
     """
     key = op.claim.key
+    shown = Hashed(key)  # logs show a keyed hash, never the storage key
     delay, tries = WRITE_RETRY_FIRST, 0
     first_failure: float | None = None
     detached = answer is None or answer_by is None
@@ -416,7 +418,7 @@ def write_while_owned(
                 log.warning(
                     "oncely: wrote the %s of key %s after %d tries in %.1f s",
                     what,
-                    key,
+                    shown,
                     tries,
                     now - first_failure,
                 )
@@ -425,7 +427,7 @@ def write_while_owned(
         if first_failure is None:
             first_failure = now
         if lease.lost:
-            log.error("oncely: abandoned the %s of key %s: its lease was lost", what, key)
+            log.error("oncely: abandoned the %s of key %s: its lease was lost", what, shown)
             return False
         # Renewals that get through extend the lease, but a store that answers renewals and
         # keeps refusing this write (a value it will never take) must not hold the key for
@@ -437,7 +439,7 @@ def write_while_owned(
                 "(or a lease's worth of tries is spent) and the store still fails (%s); a "
                 "retry after the lease will run the request again",
                 what,
-                key,
+                shown,
                 tries,
                 now - first_failure,
                 error,
@@ -455,7 +457,7 @@ def write_while_owned(
         log.warning(
             "oncely: the %s of key %s failed, retrying in %.2g s (%.1f s of lease left): %s",
             what,
-            key,
+            shown,
             pause,
             left,
             error,
@@ -478,7 +480,7 @@ def flow(
         try:
             claimed = yield Claim(key, fingerprint, policy.lease)
         except StoreUnavailable as exc:
-            log.warning("oncely: could not claim key %s: %s", key, exc)
+            log.warning("oncely: could not claim key %s: %s", Hashed(key), exc)
             if policy.fail_open:
                 result = yield Run(None)
                 if isinstance(result, AppFailed):

@@ -4,15 +4,22 @@ The header value is either the IETF draft's Structured Field string (``"8e03978e
 RFC 8941 sf-string) or Stripe's bare token. Either way the key itself must be 1-255 visible
 ASCII characters (``%x21-7E``). The raw key is never stored: the storage key is a hash of the
 tenant and the key, so two tenants' identical keys never meet.
+
+What logs, events, metrics and traces show of a storage key or a tenant is shorter still: a
+keyed BLAKE2b hash (16 hex digits). Its key is ``ONCELY_HASH_SECRET`` when that is set (set the
+same value in every process to compare hashes across workers and hosts), else random per
+process; either way a hash in a log line cannot be checked against a guessed key or tenant by
+someone without the secret.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 
 from ._errors import MalformedKey
 
-__all__ = ["MAX_KEY_LENGTH", "parse_key", "storage_key"]
+__all__ = ["MAX_KEY_LENGTH", "Hashed", "key_hash", "parse_key", "storage_key", "tenant_hash"]
 
 MAX_KEY_LENGTH = 255
 
@@ -97,3 +104,35 @@ def storage_key(tenant: str, key: str, namespace: str = "") -> str:
         h.update(len(encoded).to_bytes(4, "big"))
         h.update(encoded)
     return h.hexdigest()
+
+
+_configured = os.environ.get("ONCELY_HASH_SECRET", "")
+_SECRET = hashlib.sha256(_configured.encode()).digest() if _configured else os.urandom(32)
+
+
+def _hash(value: str, person: bytes) -> str:
+    data = value.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(data, key=_SECRET, digest_size=8, person=person).hexdigest()
+
+
+def key_hash(storage_key: str) -> str:
+    """A short keyed hash of a storage key: what logs, events and metrics show of a key."""
+    return _hash(storage_key, b"oncely-key")
+
+
+def tenant_hash(tenant: str) -> str:
+    """A short keyed hash of a tenant: what logs and events show of a tenant."""
+    return _hash(tenant, b"oncely-tenant")
+
+
+class Hashed:
+    """A storage key as a log line shows it: its :func:`key_hash`, computed only if the line
+    is written."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def __str__(self) -> str:
+        return key_hash(self.key)

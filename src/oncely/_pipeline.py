@@ -23,7 +23,8 @@ from ._config import Options, Request, Resolved
 from ._errors import MalformedKey, MissingKey, MissingTenant, RequestTooLarge, problem_response
 from ._fingerprint import fingerprint
 from ._flow import AppFailed, Failed, Flow, Fresh, Outcome, PassThrough, Ran, Refuse, Replay, flow
-from ._keys import parse_key, storage_key
+from ._keys import Hashed, key_hash, parse_key, storage_key
+from ._observe import Watch
 
 __all__ = ["Admitted", "Answer", "Capture", "Settlement", "admit", "settle", "stored_answer"]
 
@@ -68,12 +69,16 @@ class Admitted:
 
 
 def admit(
-    options: Options, resolved: Resolved, request: Request, keys: Sequence[bytes | str]
+    options: Options,
+    resolved: Resolved,
+    request: Request,
+    keys: Sequence[bytes | str],
+    watch: Watch | None = None,
 ) -> Admitted | None:
     """Admit a request its route protects; None when it runs unprotected (no key, not required).
 
     ``keys``: the values of every idempotency key header it carries. Raises the problem that
-    answers a request which cannot go on.
+    answers a request which cannot go on. ``watch`` learns the storage key and the tenant.
     """
     if len(keys) > 1:
         raise MalformedKey(f"Send exactly one {options.header} header.")
@@ -93,6 +98,8 @@ def admit(
             "header this API requires."
         )
     admitted = Admitted(options, resolved, request, storage_key(tenant, key, options.namespace))
+    if watch is not None:
+        watch.storage_key, watch.tenant = admitted.key, tenant
     try:
         declared = int(request.headers.get("content-length", "0"))
     except ValueError:
@@ -183,20 +190,26 @@ def settle(outcome: Outcome, key: str, *, started: bool) -> Settlement:
             # different "original".
             return Settlement(
                 error=LeaseLost(
-                    f"key {key} was taken over while it ran; its answer was not stored and "
-                    "the response is aborted"
+                    f"key {key_hash(key)} was taken over while it ran; its answer was not "
+                    "stored and the response is aborted"
                 )
             )
         if outcome.lost_lease:
-            log.warning("oncely: key %s was taken over while it ran; not stored", key)
+            log.warning("oncely: key %s was taken over while it ran; not stored", Hashed(key))
         if outcome.store_error is not None:
-            log.error("oncely: could not store the outcome of key %s: %s", key, outcome.store_error)
+            log.error(
+                "oncely: could not store the outcome of key %s: %s",
+                Hashed(key),
+                outcome.store_error,
+            )
         return Settlement(release_held=True)
     if isinstance(outcome, PassThrough):
         return Settlement(release_held=True)
     assert isinstance(outcome, Failed)
     if outcome.store_error is not None:
-        log.error("oncely: could not record the failure of key %s: %s", key, outcome.store_error)
+        log.error(
+            "oncely: could not record the failure of key %s: %s", Hashed(key), outcome.store_error
+        )
     if started:  # the app's whole answer, if it sent one: let the client have it
         return Settlement(release_held=True, error=outcome.error)
     if outcome.response is not None:

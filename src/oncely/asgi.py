@@ -22,6 +22,7 @@ from ._config import Options, Request, Settings, Tenant
 from ._drive import BackgroundWrites, adrive
 from ._errors import ProblemError, problem_response
 from ._flow import AppFailed, Lease, Ran
+from ._observe import Observer, Watch
 from ._pipeline import Admitted, Answer, Capture, admit, settle
 from .stores import AsyncStore, open_async_store
 
@@ -42,7 +43,8 @@ class IdempotencyMiddleware:
     ``tenant`` (required) tells tenants apart: ``tenant_from_header(name)``,
     ``tenant_from_principal()``, ``single_tenant``, or any callable over :class:`oncely.Request`.
     ``store``: a URL (``"sqlite:oncely.db"``, ``"memory:"``, ``"postgresql://..."``,
-    ``"redis://..."``) or an async store object. See the README for every option.
+    ``"redis://..."``) or an async store object. ``on_decision``: a hook or hooks, sync or
+    async, called with every :class:`oncely.events.Decision`. See the README for every option.
     """
 
     def __init__(
@@ -56,9 +58,16 @@ class IdempotencyMiddleware:
         self.options = Options(tenant=tenant, **options)
         self.app = app
         self.store: AsyncStore = open_async_store(store) if isinstance(store, str) else store
+        #: The ``on_decision`` hooks (and the decision log line) of this middleware.
+        self.observer = Observer(self.options.on_decision, "asgi", self.store)
         self._header = self.options.header_lower.encode("latin-1")
         # Outcome writes still going on after their client was answered (a store blip).
         self.writes = BackgroundWrites()
+
+    @property
+    def hook_failures(self) -> int:
+        """How many times an ``on_decision`` hook raised (each is logged, never raised)."""
+        return self.observer.hook_failures
 
     async def drain(self) -> None:
         """Wait for the outcome writes still going on in the background (each ends when it
@@ -105,13 +114,15 @@ class IdempotencyMiddleware:
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         query = scope.get("query_string", b"").decode("latin-1")
         request = Request(method=method, path=path, query=query, headers=headers, raw=scope)
+        watch = self.observer.start(method, scope, resolved.route, self.app)
         try:
-            admitted = admit(self.options, resolved, request, keys)
+            admitted = admit(self.options, resolved, request, keys, watch)
             if admitted is None:
                 await self.app(scope, receive, send)
                 return
-            await _Exchange(self, admitted, scope, receive, send).run()
+            await _Exchange(self, admitted, scope, receive, send, watch).run()
         except ProblemError as problem:
+            await self.observer.arefused(watch, problem)
             await _send_whole(send, problem_response(problem))
 
 
@@ -137,8 +148,9 @@ class _Exchange:
         scope: MutableMapping[str, Any],
         receive: Receive,
         send: Send,
+        watch: Watch | None,
     ) -> None:
-        self.mw, self.admitted = mw, admitted
+        self.mw, self.admitted, self.watch = mw, admitted, watch
         self.scope, self.receive, self.send = scope, receive, send
         self.body = b""
         self.capture = Capture(mw.options.max_response_body)
@@ -173,6 +185,7 @@ class _Exchange:
             self._run_app,
             store_timeout=mw.options.store_timeout,
             writes=mw.writes,
+            watch=self.watch,
         )
         settlement = settle(outcome, self.admitted.key, started=self.capture.started)
         if settlement.answer is not None:

@@ -27,7 +27,7 @@ import inspect
 import json
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from ._attempt import LeaseLost, running
@@ -37,6 +37,8 @@ from ._errors import ConfigurationError, OncelyError
 from ._fingerprint import fingerprint
 from ._flow import AppFailed, Failed, Fresh, Lease, PassThrough, Policy, Ran, Refuse, Replay, flow
 from ._keys import storage_key
+from ._observe import Observer, Watch, hooks_of
+from .events import DecisionHook
 from .stores import AsyncStore, Store, open_async_store, open_store
 
 __all__ = ["Codec", "ResultNotEncodable", "idempotent"]
@@ -127,8 +129,14 @@ def idempotent(
     ttl: float = 24 * 3600.0,
     tombstone_ttl: float = 7 * 24 * 3600.0,
     store_timeout: float = 5.0,
+    on_decision: DecisionHook | Iterable[DecisionHook] | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Make the decorated function run once per ``key(*args, **kwargs)`` under ``prefix``."""
+    """Make the decorated function run once per ``key(*args, **kwargs)`` under ``prefix``.
+
+    ``on_decision``: a hook or hooks, sync or async, called with the
+    :class:`oncely.events.Decision` of every call (its route is ``prefix``); the wrapper's
+    ``observer.hook_failures`` counts the hooks that raised.
+    """
     if not isinstance(prefix, str) or not prefix:
         raise ConfigurationError(
             "prefix must name what is deduplicated (such as 'payments.charge'); it is never "
@@ -141,11 +149,13 @@ def idempotent(
     policy = Policy(
         lease=lease, ttl=ttl, tombstone_ttl=tombstone_ttl, wait=wait, store_timeout=store_timeout
     )
+    hooks = hooks_of(on_decision)
 
     def decorate(fn: Callable[P, R]) -> Callable[P, R]:
         is_async = inspect.iscoroutinefunction(fn)
         the_codec: Codec = codec or _JSONCodec(typing.get_type_hints(fn).get("return", Any))
         opened: list[Any] = []
+        observer = Observer(hooks, "function", store)
 
         def the_store() -> Any:
             if not opened:
@@ -155,14 +165,17 @@ def idempotent(
                     opened.append(store)
             return opened[0]
 
-        def steps(args: Any, kwargs: Any) -> Any:
+        def steps(args: Any, kwargs: Any, watch: Watch | None) -> Any:
             raw_key = str(key(*args, **kwargs))
             body = b""
             if payload is not None:
                 body = json.dumps(_plain(payload(*args, **kwargs)), sort_keys=True).encode()
             fp = fingerprint("CALL", "/" + prefix, "", "application/json", body)
             who = tenant(*args, **kwargs) if callable(tenant) else (tenant or "")
-            return flow(storage_key(who, raw_key, prefix), fp, policy, header_allowlist=_ALLOWLIST)
+            stored_as = storage_key(who, raw_key, prefix)
+            if watch is not None:
+                watch.storage_key, watch.tenant = stored_as, who or None
+            return flow(stored_as, fp, policy, header_allowlist=_ALLOWLIST)
 
         def ran(value: Any) -> Ran:
             try:
@@ -223,11 +236,17 @@ def idempotent(
                             return raised(exc, results)
                     return returned(value, results)
 
+                watch = observer.start("", {}, prefix)
                 outcome = await adrive(
-                    steps(args, kwargs), the_store(), run, store_timeout=store_timeout
+                    steps(args, kwargs, watch),
+                    the_store(),
+                    run,
+                    store_timeout=store_timeout,
+                    watch=watch,
                 )
                 return cast(R, settled(outcome, results))
 
+            acall.observer = observer  # type: ignore[attr-defined]
             return cast(Callable[P, R], acall)
 
         @functools.wraps(fn)
@@ -242,8 +261,11 @@ def idempotent(
                         return raised(exc, results)
                 return returned(value, results)
 
-            return cast(R, settled(drive(steps(args, kwargs), the_store(), run), results))
+            watch = observer.start("", {}, prefix)
+            outcome = drive(steps(args, kwargs, watch), the_store(), run, watch=watch)
+            return cast(R, settled(outcome, results))
 
+        call.observer = observer  # type: ignore[attr-defined]
         return call
 
     return decorate

@@ -23,6 +23,7 @@ __all__ = [
     "InFlightKey",
     "Inspectable",
     "Outcome",
+    "StoreOperation",
     "StoreStats",
     "Surface",
 ]
@@ -49,6 +50,18 @@ Surface = Literal["asgi", "wsgi", "function"]
 
 
 @dataclass(frozen=True, slots=True)
+class StoreOperation:
+    """One store operation a decision waited on: "claim", "complete", "release" or
+    "record_phase"; when it began (wall clock, ``time.time()``), how long it took, and whether
+    the store failed it."""
+
+    name: str
+    started: float
+    seconds: float
+    failed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Decision:
     """One decision about one request (or one call of an ``@idempotent`` function)."""
 
@@ -71,6 +84,9 @@ class Decision:
     #: Short hashes (hex) of the storage key and the tenant; never the raw values.
     key_hash: str | None = None
     tenant_hash: str | None = None
+    #: The store operations this decision waited on, in order (writes that go on in the
+    #: background after the client was answered are not among them).
+    operations: tuple[StoreOperation, ...] = ()
 
 
 DecisionHook = Callable[[Decision], Awaitable[None] | None]

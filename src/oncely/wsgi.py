@@ -34,6 +34,7 @@ from ._config import Options, Request, Settings, Tenant
 from ._drive import BackgroundThreads, drive
 from ._errors import ProblemError, problem_response
 from ._flow import AppFailed, Lease, Ran
+from ._observe import Observer, Watch
 from ._pipeline import Admitted, Answer, Capture, admit, settle
 from .stores import Store, open_store
 
@@ -67,8 +68,15 @@ class IdempotencyMiddleware:
         self.options = Options(tenant=tenant, **options)
         self.app = app
         self.store: Store = open_store(store) if isinstance(store, str) else store
+        #: The ``on_decision`` hooks (and the decision log line) of this middleware.
+        self.observer = Observer(self.options.on_decision, "wsgi", self.store)
         self._key_variable = "HTTP_" + self.options.header.upper().replace("-", "_")
         self.writes = BackgroundThreads()
+
+    @property
+    def hook_failures(self) -> int:
+        """How many times an ``on_decision`` hook raised (each is logged, never raised)."""
+        return self.observer.hook_failures
 
     def drain(self) -> None:
         """Wait for the outcome writes still going on in the background."""
@@ -87,12 +95,14 @@ class IdempotencyMiddleware:
         keys = [environ[self._key_variable]] if self._key_variable in environ else []
         query: str = environ.get("QUERY_STRING", "")
         request = Request(method, path, query, _headers_of(environ), environ)
+        watch = self.observer.start(method, environ, resolved.route)
         try:
-            admitted = admit(self.options, resolved, request, keys)
+            admitted = admit(self.options, resolved, request, keys, watch)
             if admitted is None:
                 return self.app(environ, start_response)
-            return _Exchange(self, admitted, environ, start_response).run()
+            return _Exchange(self, admitted, environ, start_response, watch).run()
         except ProblemError as problem:
+            self.observer.refused(watch, problem)
             return _send_whole(start_response, problem_response(problem))
 
 
@@ -144,8 +154,10 @@ class _Exchange:
         admitted: Admitted,
         environ: dict[str, Any],
         start_response: StartResponse,
+        watch: Watch | None,
     ) -> None:
         self.mw, self.admitted, self.start_response = mw, admitted, start_response
+        self.watch = watch
         body = _read_body(environ, admitted)
         self.environ = dict(environ)
         self.environ["wsgi.input"] = io.BytesIO(body)
@@ -196,7 +208,13 @@ class _Exchange:
 
     def run(self) -> Iterable[bytes]:
         mw = self.mw
-        outcome = drive(self.admitted.flow(self.body), mw.store, self._run_app, writes=mw.writes)
+        outcome = drive(
+            self.admitted.flow(self.body),
+            mw.store,
+            self._run_app,
+            writes=mw.writes,
+            watch=self.watch,
+        )
         settlement = settle(outcome, self.admitted.key, started=self.capture.started)
         whole = settlement.release_held and self.capture.finished
         if settlement.error is not None and settlement.answer is None and not whole:

@@ -4,9 +4,9 @@
 
 Layers, outermost first:
 
-1. :class:`Service`: every request but ``/health`` and the docs needs ``Authorization: Bearer
-   <api key>``; any non-empty key names a tenant (a real deployment plugs in its own
-   authentication). Without one: 401, before anything else runs.
+1. :class:`Service`: every request but ``/health``, ``/metrics`` and the docs needs
+   ``Authorization: Bearer <api key>``; any non-empty key names a tenant (a real deployment
+   plugs in its own authentication). Without one: 401, before anything else runs.
 2. oncely's ``IdempotencyMiddleware``, scoped by tenant: ``POST /payments``, ``POST /orders``
    and ``POST /orders/{id}/pay`` require an ``Idempotency-Key`` (400 without);
    ``PATCH /orders/{id}`` and ``PUT /orders/{id}`` are protected when they carry one.
@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
@@ -43,6 +44,7 @@ from oncely import (
 )
 from oncely import Request as OncelyRequest
 from oncely.asgi import IdempotencyMiddleware
+from oncely.metrics import Metrics
 
 from . import ledger
 from .card_network import CardNetwork, CardNetworkUnavailable
@@ -75,7 +77,9 @@ log = logging.getLogger("oncely_payments")
 
 Message = MutableMapping[str, Any]
 
-PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+PUBLIC_PATHS = frozenset(
+    {"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 JSON = "application/json"
 
 
@@ -615,10 +619,20 @@ def create_app(settings: Settings) -> Service:
             await service.aclose()
 
     api = _build_api(handlers, lifespan)
+    # Prometheus metrics of every idempotency decision, on a registry of this app's own.
+    registry = CollectorRegistry()
+    metrics = Metrics(registry=registry, store=store)
+
+    async def metrics_page() -> Response:
+        await metrics.refresh()  # the in-flight gauge, when the store can say
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    api.add_api_route("/metrics", metrics_page, methods=["GET"], include_in_schema=False)
     idempotency = IdempotencyMiddleware(
         api,
         tenant=_idempotency_tenant,
         store=store,
+        on_decision=metrics,
         methods=("POST", "PATCH"),
         routes=[
             Route("/orders/{order_id}", methods=["PATCH", "PUT"], required=False),

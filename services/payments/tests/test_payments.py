@@ -366,3 +366,22 @@ async def test_unknown_payments_and_routes_are_404_problems(client: httpx.AsyncC
         assert response.status_code == 404
         assert response.headers["content-type"] == "application/problem+json"
         assert json.loads(response.content)["status"] == 404
+
+
+async def test_metrics_count_each_decision_by_outcome_and_route_template(
+    client: httpx.AsyncClient,
+) -> None:
+    """GET /metrics (no API key) is the text exposition: one executed and one replayed
+    decision under the route template, never the raw key."""
+    key = new_key()
+    for _ in range(2):
+        assert (await pay(client, key, amount=100, currency="EUR")).status_code == 201
+    page = await client.get("/metrics")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/plain")
+    text = page.text
+    for outcome in ("executed", "replayed"):
+        line = f'oncely_decisions_total{{outcome="{outcome}",route="/payments",surface="asgi"}} 1.0'
+        assert line in text
+    assert "oncely_store_operation_duration_seconds_bucket" in text
+    assert key not in text
