@@ -9,24 +9,20 @@ A record is, at the store's clock ``now``, exactly one of:
 
 The memory store runs :func:`stats_of` on its records; SQLite and PostgreSQL count in one SQL
 statement, Redis with a SCAN of its prefix. In-flight keys are listed by their storage key's
-:func:`key_hash`, never the storage key itself, the oldest lease first.
+keyed hash (:func:`oncely._keys.key_hash`, the one decisions and logs carry), never the
+storage key itself, the oldest lease first.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 from collections.abc import Iterable
 
 from .._codec import Record, State
+from .._keys import key_hash
 from ..events import InFlightKey, StoreStats
 
 __all__ = ["StatsCounter", "key_hash", "stats_of"]
-
-
-def key_hash(storage_key: str) -> str:
-    """What operators see of a storage key: 12 hex digits of its SHA-256."""
-    return hashlib.sha256(storage_key.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 class StatsCounter:
