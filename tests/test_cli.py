@@ -1,92 +1,166 @@
-"""The oncely command: migrate, purge and inspect against a real SQLite file."""
+"""The oncely command against real stores (SQLite, PostgreSQL, Redis), as a real subprocess
+where the exit status matters."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from oncely import Claimed, StoredResponse, storage_key
-from oncely.cli import main
+from oncely.stores import AsyncStore, open_async_store
 from oncely.stores.sqlite import AsyncSQLiteStore
 
-
-def test_migrate_creates_the_table_and_is_idempotent(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    db = tmp_path / "cli.db"
-    assert main(["migrate", "--store", f"sqlite:{db}"]) == 0
-    assert main(["migrate", "--store", f"sqlite:{db}"]) == 0
-    tables = sqlite3.connect(db).execute("SELECT name FROM sqlite_master").fetchall()
-    assert ("oncely_records",) in tables
-    assert "schema is up to date" in capsys.readouterr().out
+from .stores.backend_postgres import URL as POSTGRES_URL
+from .stores.backend_postgres import scratch_schema
+from .stores.backend_redis import REDIS_URL, delete_prefix, redis_store
 
 
-def test_an_unknown_store_url_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["migrate", "--store", "mongodb://x"]) == 1
-    err = capsys.readouterr().err
-    assert "unknown store URL" in err
-    assert "sqlite:" in err
+def oncely(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "oncely", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
-def test_purge_deletes_only_forgotten_records(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    db = tmp_path / "cli.db"
+async def seed(store: AsyncStore) -> None:
+    """acme/k-1 completed; acme/k-2 in flight with a recovery point; one record expired."""
+    claim = await store.claim(storage_key("acme", "k-1"), "v1:" + "a" * 64, lease=10)
+    assert isinstance(claim, Claimed)
+    kept = StoredResponse(201, (("content-type", "application/json"),), b"{}")
+    assert await store.complete(claim, kept, ttl=600, tombstone_ttl=600)
+    running = await store.claim(storage_key("acme", "k-2"), "v1:" + "b" * 64, lease=300)
+    assert isinstance(running, Claimed)
+    assert await store.record_phase(running, "payment_created", '{"id": "pay_1"}')
+    old = await store.claim(storage_key("acme", "old"), "v1:" + "c" * 64, lease=10)
+    assert isinstance(old, Claimed)
+    assert await store.complete(old, kept, ttl=0.001, tombstone_ttl=0.001)
 
-    async def seed() -> None:
-        store = AsyncSQLiteStore(db)
-        for key, retention in (("old", 0.0), ("new", 3600.0)):
-            claim = await store.claim(key, "fp", lease=10)
-            assert isinstance(claim, Claimed)
-            done = await store.complete(
-                claim, StoredResponse(201), ttl=0.001, tombstone_ttl=retention
-            )
-            assert done
+
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
+async def store_args(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[list[str]]:
+    """A seeded store of each kind, as the flags that name it."""
+    if request.param == "sqlite":
+        url = f"sqlite:{tmp_path / 'cli.db'}"
+        store: AsyncStore = AsyncSQLiteStore(tmp_path / "cli.db")
+        await seed(store)
         await store.aclose()
+        yield ["--store", url]
+    elif request.param == "postgres":
+        async with scratch_schema() as schema:
+            store = open_async_store(POSTGRES_URL, schema=schema)
+            try:
+                await seed(store)
+            finally:
+                await store.aclose()
+            yield ["--store", POSTGRES_URL, "--schema", schema]
+    else:
+        redis = await redis_store()
+        try:
+            await seed(redis)
+            yield ["--store", REDIS_URL, "--prefix", redis.prefix]
+        finally:
+            await delete_prefix(redis.client, redis.prefix)
+            await redis.aclose()
 
-    asyncio.run(seed())
-    assert main(["purge", "--store", f"sqlite:{db}"]) == 0
-    assert "purged 1 expired records" in capsys.readouterr().out
-    keys = sqlite3.connect(db).execute("SELECT key FROM oncely_records").fetchall()
-    assert keys == [("new",)]
+
+async def test_inspect_stats_and_purge_on_every_store(store_args: list[str]) -> None:
+    await asyncio.sleep(0.01)  # "old" is past its retention
+    shown = oncely("inspect", *store_args, "--tenant", "acme", "--key", "k-2", "--json")
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
+    assert record["state"] == "in_flight"
+    assert record["fingerprint_version"] == "v1"
+    assert record["recovery_points"] == [{"name": "payment_created", "data": '{"id": "pay_1"}'}]
+    assert 250 < record["lease_left"] <= 300
+    human = oncely("inspect", *store_args, "--scope", "acme", "--key", "k-1")
+    assert human.returncode == 0, human.stderr
+    assert "state      completed" in human.stdout
+    assert "response   201, 2 bytes" in human.stdout
+    assert "content-type: application/json" in human.stdout
+    unknown = oncely("inspect", *store_args, "--tenant", "other", "--key", "k-1")
+    assert unknown.returncode == 1
+    assert "no record for key 'k-1' of tenant 'other'" in unknown.stderr
+    stats = oncely("stats", *store_args, "--json")
+    assert stats.returncode == 0, stats.stderr
+    counts = json.loads(stats.stdout)
+    assert (counts["in_flight"], counts["completed"], counts["tombstones"]) == (1, 1, 0)
+    assert [k["attempt"] for k in counts["in_flight_keys"]] == [1]
+    assert "in flight   1" in oncely("stats", *store_args).stdout
+    if "redis" not in store_args[1]:  # Redis forgets by itself (PEXPIRE): nothing to purge
+        assert counts["expired"] == 1
+    purged = oncely("purge", *store_args, "--expired", "--batch", "1")
+    assert purged.returncode == 0, purged.stderr
+    assert purged.stdout.strip() == f"purged {counts['expired']} expired records"
+    assert json.loads(oncely("stats", *store_args, "--json").stdout)["expired"] == 0
 
 
-def test_inspect_shows_a_record_by_scope_and_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("args", "status", "says"),
+    [
+        (["stats", "--store", "mongodb://x"], 2, "the known schemes are"),
+        (["stats", "--store", "sqlite:"], 2, "needs a file"),
+        (["purge", "--store", "memory:"], 2, "--expired"),
+        (["migrate", "--store", "sqlite:x.db", "--schema", "s"], 2, "--schema is for PostgreSQL"),
+        (["inspect", "--store", "memory:", "--key", "k"], 2, "--tenant"),
+        (["stats", "--store", "redis://127.0.0.1:1/0"], 1, "Check the store URL"),
+    ],
+)
+def test_bad_input_exits_with_a_clear_message(
+    args: list[str], status: int, says: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)
+    done = oncely(*args)
+    assert done.returncode == status, done.stderr
+    assert says in done.stderr
+
+
+def test_help_has_examples() -> None:
+    done = oncely("--help")
+    assert done.returncode == 0
+    assert "oncely inspect --store sqlite:oncely.db --tenant acme" in done.stdout
+    assert "--scope" not in oncely("inspect", "--help").stdout
+
+
+def test_migrate_creates_the_table_and_is_idempotent(tmp_path: Path) -> None:
     db = tmp_path / "cli.db"
-
-    async def seed() -> None:
-        store = AsyncSQLiteStore(db)
-        claim = await store.claim(storage_key("acme", "k-1"), "v1:fp", lease=10)
-        assert isinstance(claim, Claimed)
-        await store.complete(claim, StoredResponse(201, body=b"{}"), ttl=60, tombstone_ttl=60)
-        await store.aclose()
-
-    asyncio.run(seed())
-    assert main(["inspect", "--store", f"sqlite:{db}", "--scope", "acme", "--key", "k-1"]) == 0
-    shown = json.loads(capsys.readouterr().out)
-    assert shown["state"] == "completed"
-    assert shown["response"] == {"status": 201, "replayable": True, "bytes": 2}
-    assert main(["inspect", "--store", f"sqlite:{db}", "--scope", "other", "--key", "k-1"]) == 0
-    assert "no record" in capsys.readouterr().out
-
-
-def test_migrate_takes_a_table_name(tmp_path: Path) -> None:
-    db = tmp_path / "cli.db"
-    assert main(["migrate", "--store", f"sqlite:{db}", "--table", "idem_keys"]) == 0
+    for _ in range(2):
+        done = oncely("migrate", "--store", f"sqlite:{db}", "--table", "idem_keys")
+        assert done.returncode == 0, done.stderr
+        assert "schema is up to date" in done.stdout
     with sqlite3.connect(db) as conn:
         tables = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     conn.close()
     assert tables == [("idem_keys",)]
 
 
-def test_an_option_the_store_does_not_take_is_a_clear_error(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["migrate", "--store", f"sqlite:{tmp_path / 'x.db'}", "--schema", "s"]) == 1
-    assert "does not take that option" in capsys.readouterr().err
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def test_serve_and_demo_say_how_to_install_the_service() -> None:
+    # -I -S: no site-packages, so no entry point of the installed service is visible.
+    for name in ("serve", "demo"):
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c",
+             f"import sys; sys.path.insert(0, {str(SRC)!r}); "
+             f"from oncely.cli import main; sys.exit(main([{name!r}]))"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert "pip install" in done.stderr
+        assert "oncely-payments" in done.stderr
+
+
+def test_demo_is_found_through_the_entry_point() -> None:
+    done = oncely("demo", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "--intents" in done.stdout

@@ -1,10 +1,15 @@
-"""The ``oncely`` command: operate a store, and start the reference service.
+"""The ``oncely`` command: look into a store, clean it, and start the reference service.
 
-oncely migrate --store postgresql://127.0.0.1:5432/app   # create tables and indexes now
-oncely purge --store sqlite:oncely.db                    # delete records past retention
-oncely inspect --store URL --scope TENANT --key KEY      # show one key's record
-oncely serve [service flags]                             # the reference payments service
-oncely chain run|resume|show|list ...                    # API chains (oncely[chains])
+    oncely inspect --store URL --tenant T --key K [--json]   # one key's record
+    oncely stats   --store URL [--json]                      # records by state, oldest lease
+    oncely purge   --store URL --expired [--batch N]         # delete records past retention
+    oncely migrate --store URL                               # create tables and indexes now
+    oncely serve | demo [flags]                              # the reference service (optional)
+    oncely chain run|resume|show|list ...                    # API chains (oncely[chains])
+
+Exit status: 0 done, 1 the operation failed (store unreachable, no such key), 2 usage (a bad
+flag, a bad store URL). ``serve`` and ``demo`` come from the ``oncely.commands`` entry point
+group, which the reference service (``oncely-payments``) declares; oncely never imports it.
 """
 
 from __future__ import annotations
@@ -12,20 +17,184 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from importlib.metadata import entry_points
+from typing import Any, cast
 
-from ._errors import ConfigurationError, OncelyError
+from ._errors import ConfigurationError, OncelyError, StoreUnavailable
 from ._keys import storage_key
+from .events import Inspectable
 from .stores import Store, open_store
+from .stores._stats import key_hash
 
 __all__ = ["main"]
 
 DEFAULT_STORE = os.environ.get("ONCELY_STORE", "sqlite:oncely.db")
+COMMANDS_GROUP = "oncely.commands"
+SERVICE_INSTALL = "pip install oncely-payments  (from a checkout: pip install -e services/payments)"
+
+EPILOG = """\
+examples:
+  oncely inspect --store sqlite:oncely.db --tenant acme --key 8e03978e-40d5
+  oncely inspect --store postgresql://127.0.0.1:5432/app --tenant acme --key K --json
+  oncely stats --store redis://127.0.0.1:6379/0 --prefix oncely:
+  oncely purge --store sqlite:oncely.db --expired --batch 500
+  oncely migrate --store postgresql://127.0.0.1:5432/app --schema idem
+  oncely serve --port 8000        oncely demo --intents 500 --keep
+
+store URLs: memory:, sqlite:PATH, postgresql://..., redis://..., rediss://..., redis+cluster://...
+(default: $ONCELY_STORE, else sqlite:oncely.db). Exit status: 0 ok, 1 failed, 2 usage.
+"""
 
 
-def _migrate(store: Store) -> str:
+class Failed(Exception):
+    """The operation failed (exit 1); the message says what to do."""
+
+
+def _ago(seconds: float) -> str:
+    return f"in {seconds:.1f} s" if seconds >= 0 else f"{-seconds:.1f} s ago"
+
+
+def _when(at: float, now: float) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
+    return f"{stamp} UTC ({_ago(at - now)})"
+
+
+def _inspect(store: Store, args: argparse.Namespace) -> str:
+    skey = storage_key(args.tenant, args.key, args.namespace)
+    record = store.get(skey)
+    if record is None:
+        raise Failed(
+            f"no record for key {args.key!r} of tenant {args.tenant!r}"
+            + (f" in namespace {args.namespace!r}" if args.namespace else "")
+            + ": check the tenant (as the middleware derives it) and --namespace, or the key "
+            "was never sent, was released after an error, or was purged"
+        )
+    now = time.time()
+    version, _, _ = record.fingerprint.partition(":")
+    response = record.response
+    shown: dict[str, Any] = {
+        "storage_key": record.key,
+        "key_hash": key_hash(record.key),
+        "state": record.state.value,
+        "fingerprint": record.fingerprint,
+        "fingerprint_version": version,
+        "attempt": record.attempt,
+        "lease_until": record.lease_until,
+        "lease_left": record.lease_until - now,
+        "expires_at": record.expires_at,
+        "forget_at": record.forget_at,
+        "recovery_points": [{"name": name, "data": data} for name, data in record.phases],
+        "response": None
+        if response is None
+        else {
+            "status": response.status,
+            "headers": [list(h) for h in response.headers],
+            "replayable": response.replayable,
+            "bytes": len(response.body),
+        },
+    }
+    if args.json:
+        return json.dumps(shown, indent=2)
+    lines = [
+        f"key        {args.key}  (tenant {args.tenant}; storage key {record.key[:16]}…, "
+        f"hash {shown['key_hash']})",
+        f"state      {record.state.value}, attempt {record.attempt}",
+        f"fingerprint {record.fingerprint[:24]}…  (version {version})",
+    ]
+    if record.state.value == "in_flight":
+        lease = "expired: the next retry takes it over" if record.lease_until <= now else "held"
+        lines.append(f"lease      until {_when(record.lease_until, now)}, {lease}")
+    else:
+        lines.append(f"replayable until {_when(record.expires_at, now)}")
+    lines.append(f"forgotten  at {_when(record.forget_at, now)}")
+    if record.phases:
+        lines.append("recovery points:")
+        lines += [f"  - {name}: {data[:80]}" for name, data in record.phases]
+    else:
+        lines.append("recovery points: none")
+    if response is None:
+        lines.append(
+            "response   none kept" + (" (a tombstone)" if record.state.value == "completed" else "")
+        )
+    else:
+        lines.append(
+            f"response   {response.status}, {len(response.body)} bytes"
+            + ("" if response.replayable else ", not replayable (too large)")
+        )
+        lines += [f"  {name}: {value}" for name, value in response.headers]
+    return "\n".join(lines)
+
+
+def _inspectable(store: Store, what: str) -> Inspectable:
+    if not isinstance(store, Inspectable):
+        raise Failed(f"{type(store).__name__} cannot count its records ({what} needs stats())")
+    return store
+
+
+def _stats(store: Store, args: argparse.Namespace) -> str:
+    stats = _inspectable(store, "oncely stats").stats(limit=args.limit)
+    if args.json:
+        return json.dumps(asdict(stats), indent=2)
+    lines = [
+        f"in flight   {stats.in_flight}",
+        f"completed   {stats.completed}   (replayable)",
+        f"tombstones  {stats.tombstones}   (past their response expiry, fingerprint kept)",
+        f"expired     {stats.expired}   (past retention: oncely purge --expired)",
+    ]
+    if stats.oldest_lease_left is not None:
+        lines.append(f"oldest lease ends {_ago(stats.oldest_lease_left)}")
+    for k in stats.in_flight_keys:
+        lines.append(f"  {k.key_hash}  attempt {k.attempt}  lease ends {_ago(k.lease_left)}")
+    return "\n".join(lines)
+
+
+def _progress(total: int | None) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """A progress bar (rich, when installed and on a terminal), else a line per batch."""
+    if sys.stderr.isatty():
+        try:
+            from rich.progress import Progress
+        except ImportError:
+            pass
+        else:
+            bar = Progress(transient=True)
+            task = bar.add_task("purging", total=total)
+            bar.start()
+            return (lambda done: bar.update(task, completed=done)), bar.stop
+    of = f" of {total}" if total is not None else ""
+
+    def plain(done: int) -> None:
+        print(f"purged {done}{of}", file=sys.stderr)
+
+    return plain, lambda: None
+
+
+def _purge(store: Store, args: argparse.Namespace) -> str:
+    if not args.expired:
+        raise ConfigurationError("purge deletes expired records only: say so with --expired")
+    if args.batch < 1:
+        raise ConfigurationError(f"--batch must be 1 or more, not {args.batch}")
+    total = store.stats(limit=0).expired if isinstance(store, Inspectable) else None
+    update, stop = _progress(total)
+    done = 0
+    try:
+        while True:
+            deleted = store.purge(limit=args.batch)
+            done += deleted
+            update(done)
+            if deleted < args.batch:
+                break
+    finally:
+        stop()
+    return f"purged {done} expired records"
+
+
+def _migrate(store: Store, args: argparse.Namespace) -> str:
     migrate = getattr(store, "migrate", None)
     if migrate is None:
         return "nothing to migrate: this store keeps no schema"
@@ -33,98 +202,89 @@ def _migrate(store: Store) -> str:
     return "schema is up to date"
 
 
-def _purge(store: Store, batch: int) -> str:
-    total = 0
-    while True:
-        deleted = store.purge(limit=batch)
-        total += deleted
-        if deleted < batch:
-            return f"purged {total} expired records"
-
-
-def _inspect(store: Store, scope: str, key: str, namespace: str) -> str:
-    record = store.get(storage_key(scope, key, namespace))
-    if record is None:
-        return "no record for this key"
-    response = record.response
-    return json.dumps(
-        {
-            "storage_key": record.key,
-            "state": record.state.value,
-            "fingerprint": record.fingerprint,
-            "attempt": record.attempt,
-            "lease_until": record.lease_until,
-            "expires_at": record.expires_at,
-            "forget_at": record.forget_at,
-            "phases": [name for name, _ in record.phases],
-            "response": None
-            if response is None
-            else {
-                "status": response.status,
-                "replayable": response.replayable,
-                "bytes": len(response.body),
-            },
-        },
-        indent=2,
-    )
+ACTIONS: dict[str, Callable[[Store, argparse.Namespace], str]] = {
+    "inspect": _inspect,
+    "stats": _stats,
+    "purge": _purge,
+    "migrate": _migrate,
+}
 
 
 def _store_options(args: argparse.Namespace) -> dict[str, str]:
-    options = {}
-    for name in ("schema", "table", "prefix"):
-        value = getattr(args, name, None)
-        if value:
-            options[name] = value
-    return options
+    return {n: v for n in ("schema", "table", "prefix") if (v := getattr(args, n, None))}
 
 
-def _with_store(url: str, action: str, args: argparse.Namespace) -> str:
+def _run(args: argparse.Namespace) -> str:
     try:
-        store = open_store(url, **_store_options(args))
+        store = open_store(args.store, **_store_options(args))
     except TypeError as exc:
-        raise ConfigurationError(f"this store does not take that option: {exc}") from exc
+        raise ConfigurationError(
+            f"this store does not take that option ({exc}): --schema is for PostgreSQL, "
+            "--table for SQLite and PostgreSQL, --prefix for Redis"
+        ) from exc
     try:
-        if action == "migrate":
-            return _migrate(store)
-        if action == "purge":
-            return _purge(store, args.batch)
-        return _inspect(store, args.scope, args.key, args.namespace)
+        return ACTIONS[args.command](store, args)
     finally:
         store.close()
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="oncely", description="Operate an oncely store, and start the reference service."
+        prog="oncely",
+        description="Look into an oncely store, clean it, and start the reference service.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (
-        ("migrate", "create the store's tables and indexes (idempotent)"),
-        ("purge", "delete records past their retention, in batches"),
         ("inspect", "show the record of one idempotency key"),
+        ("stats", "count records by state; the oldest leases in flight"),
+        ("purge", "delete records past their retention, in batches"),
+        ("migrate", "create the store's tables and indexes (idempotent)"),
     ):
-        cmd = sub.add_parser(name, help=text, description=text)
+        cmd = sub.add_parser(
+            name,
+            help=text,
+            description=text,
+            epilog=EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         cmd.add_argument("--store", default=DEFAULT_STORE, help="store URL (env ONCELY_STORE)")
         cmd.add_argument("--schema", help="PostgreSQL schema of the records table")
         cmd.add_argument("--table", help="records table name (SQLite, PostgreSQL)")
         cmd.add_argument("--prefix", help="Redis key prefix")
+        if name in ("inspect", "stats"):
+            cmd.add_argument("--json", action="store_true", help="print JSON")
+        if name == "stats":
+            cmd.add_argument("--limit", type=int, default=20, help="in-flight keys to list")
         if name == "purge":
+            cmd.add_argument("--expired", action="store_true", help="delete expired records")
             cmd.add_argument("--batch", type=int, default=1000, help="records per batch")
         if name == "inspect":
-            cmd.add_argument("--scope", required=True, help="the tenant scope of the key")
+            tenant = cmd.add_mutually_exclusive_group(required=True)
+            tenant.add_argument("--tenant", help="the key's tenant, as the middleware has it")
+            tenant.add_argument("--scope", dest="tenant", help=argparse.SUPPRESS)
             cmd.add_argument("--key", required=True, help="the Idempotency-Key value")
             cmd.add_argument("--namespace", default="", help="the middleware's namespace")
-    sub.add_parser(
-        "chain",
-        help="run API chains once, resume them (flags: oncely chain --help)",
-        add_help=False,
-    )
-    sub.add_parser(
-        "serve",
-        help="run the reference payments service (flags: oncely serve --help)",
-        add_help=False,
-    )
+    for name, text in (
+        ("serve", "run the reference payments service (oncely serve --help)"),
+        ("demo", "the chaos demo of the reference service (oncely demo --help)"),
+        ("chain", "run API chains once, resume them (oncely chain --help)"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
     return parser
+
+
+def _service_command(name: str, argv: list[str]) -> int:
+    found = [ep for ep in entry_points(group=COMMANDS_GROUP) if ep.name == name]
+    if not found:
+        print(
+            f"oncely {name} needs the reference service, which is not installed: {SERVICE_INSTALL}",
+            file=sys.stderr,
+        )
+        return 1
+    command = cast(Callable[[list[str]], int], found[0].load())
+    return int(command(argv) or 0)
 
 
 def _chain(argv: list[str]) -> int:
@@ -142,23 +302,24 @@ def _chain(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["serve"]:
-        try:
-            service = importlib.import_module("oncely_payments.__main__")
-        except ImportError:
-            print(
-                "oncely serve needs the reference service: pip install -e services/payments",
-                file=sys.stderr,
-            )
-            return 2
-        result: int = service.main(args_list[1:])
-        return result
+    if args_list[:1] in (["serve"], ["demo"]):
+        return _service_command(args_list[0], args_list[1:])
     if args_list[:1] == ["chain"]:
         return _chain(args_list[1:])
     args = _parser().parse_args(args_list)
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its retries: the error says it
     try:
-        print(_with_store(args.store, args.command, args))
-    except (ConfigurationError, OncelyError) as exc:
+        print(_run(args))
+    except ConfigurationError as exc:
+        print(f"oncely {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except StoreUnavailable as exc:
+        print(
+            f"oncely {args.command}: {exc}\nCheck the store URL and that the server answers.",
+            file=sys.stderr,
+        )
+        return 1
+    except (Failed, OncelyError) as exc:
         print(f"oncely {args.command}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -14,6 +14,8 @@ from oncely import Claimed, Existing, State, StoredResponse
 from oncely._flow import Policy, refusal_for
 from oncely._flow import Refuse as RefuseOutcome
 from oncely._flow import Replay as ReplayOutcome
+from oncely.events import AsyncInspectable, StoreStats
+from oncely.stores._stats import key_hash
 
 from .conftest import Backend
 
@@ -311,3 +313,37 @@ async def test_renewal_extends_the_retention_of_an_abandoned_record(backend: Bac
     assert after.forget_at - after.lease_until == pytest.approx(
         before.forget_at - before.lease_until
     )
+
+
+def stats_of(backend: Backend) -> AsyncInspectable:
+    assert isinstance(backend.store, AsyncInspectable), f"{backend.name} has no stats()"
+    return backend.store
+
+
+async def test_stats_count_records_by_state_and_list_the_oldest_leases(backend: Backend) -> None:
+    empty = await stats_of(backend).stats()
+    assert empty == StoreStats(0, 0, 0, 0, None, ())
+    short, long, done, soon_tomb, soon_gone = (new_key() for _ in range(5))
+    await claim(backend, long, lease=300)
+    await claim(backend, short, lease=60)
+    for key, ttl, kept in ((done, 1000, 1000), (soon_tomb, 50, 1000), (soon_gone, 50, 10)):
+        won = await claim(backend, key)
+        assert await backend.store.complete(won, response(), ttl=ttl, tombstone_ttl=kept)
+    backend.advance(100)
+    seen = await stats_of(backend).stats()
+    # short's lease ended 40 s ago: still in flight (a retry takes it over), listed first.
+    assert (seen.in_flight, seen.completed, seen.tombstones, seen.expired) == (2, 1, 1, 1)
+    assert seen.oldest_lease_left == pytest.approx(-40, abs=5)
+    assert [k.key_hash for k in seen.in_flight_keys] == [key_hash(short), key_hash(long)]
+    assert [k.lease_left for k in seen.in_flight_keys] == [
+        pytest.approx(-40, abs=5),
+        pytest.approx(200, abs=5),
+    ]
+    assert all(k.attempt == 1 for k in seen.in_flight_keys)
+    limited = await stats_of(backend).stats(limit=1)
+    assert [k.key_hash for k in limited.in_flight_keys] == [key_hash(short)]
+    assert limited.in_flight == 2
+    assert await backend.store.purge() == 1
+    after = await stats_of(backend).stats(limit=0)
+    assert (after.in_flight, after.completed, after.tombstones, after.expired) == (2, 1, 1, 0)
+    assert after.in_flight_keys == ()

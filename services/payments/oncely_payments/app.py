@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Security
@@ -46,6 +48,7 @@ from oncely import (
 )
 from oncely import Request as OncelyRequest
 from oncely.asgi import IdempotencyMiddleware
+from oncely.dashboard import Dashboard, Panel
 from oncely.metrics import Metrics
 
 from . import ledger
@@ -555,8 +558,10 @@ class Service:
         api: FastAPI,
         db: Database,
         network: CardNetwork,
+        dashboard: Dashboard | None = None,
     ) -> None:
         self.settings, self.idempotency, self.api = settings, idempotency, api
+        self.dashboard = dashboard
         self.db, self.network = db, network
         self._closed = False
 
@@ -566,7 +571,15 @@ class Service:
         receive: Callable[[], Awaitable[Message]],
         send: Callable[[Message], Awaitable[None]],
     ) -> None:
-        if scope["type"] == "http" and scope.get("path", "/") not in PUBLIC_PATHS:
+        path = scope.get("path", "/")
+        if self.dashboard is not None and (path == "/dashboard" or path.startswith("/dashboard/")):
+            # Hashed keys and counts only; a real deployment puts it behind its operators' login.
+            root = scope.get("root_path", "") + "/dashboard"
+            await self.dashboard(
+                {**scope, "root_path": root, "path": root + path[10:]}, receive, send
+            )
+            return
+        if scope["type"] == "http" and path not in PUBLIC_PATHS:
             authorization = None
             for name, value in scope["headers"]:
                 if name == b"authorization":
@@ -668,11 +681,12 @@ def create_app(settings: Settings) -> Service:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     api.add_api_route("/metrics", metrics_page, methods=["GET"], include_in_schema=False)
+    dashboard = Dashboard(store=store, panels=_demo_panels(settings, db))
     idempotency = IdempotencyMiddleware(
         api,
         tenant=_idempotency_tenant,
         store=store,
-        on_decision=metrics,
+        on_decision=[metrics, dashboard.record],
         methods=("POST", "PATCH"),
         routes=[
             Route("/orders/{order_id}", methods=["PATCH", "PUT"], required=False),
@@ -682,5 +696,29 @@ def create_app(settings: Settings) -> Service:
         lease=settings.lease,
         retry_after=1.0,
     )
-    service = Service(settings, idempotency, api, db, network)
+    service = Service(settings, idempotency, api, db, network, dashboard)
     return service
+
+
+def _demo_panels(settings: Settings, db: Database) -> dict[str, Panel]:
+    """The ledger audit panel, while the demo runs: what it intended (its status file) against
+    what the ledger recorded."""
+    if settings.demo_status is None:
+        return {}
+    status = Path(settings.demo_status)
+
+    async def audit_panel() -> dict[str, Any]:
+        try:
+            demo: dict[str, Any] = json.loads(await asyncio.to_thread(status.read_text, "utf-8"))
+        except (OSError, ValueError):
+            demo = {}
+        counts = await db.read(ledger.audit_counts())
+        return {
+            "payments_intended": demo.get("intended", "-"),
+            "answered_so_far": demo.get("finished", "-"),
+            "payments_recorded": counts["recorded"],
+            "duplicates": counts["duplicates"],
+            "audit": demo.get("audit", "runs at the end"),
+        }
+
+    return {"ledger audit (demo)": audit_panel}

@@ -44,10 +44,14 @@ class ServiceProcess:
     """A server command in its own process group, started on a new free port each time.
 
     ``command`` is the argument list without the port: ``--port N`` is added at each start.
+    With ``fixed_port`` every start reuses the first port drawn (the dashboard's URL stays).
     """
 
-    def __init__(self, command: Sequence[str], log_path: Path, cwd: Path) -> None:
+    def __init__(
+        self, command: Sequence[str], log_path: Path, cwd: Path, *, fixed_port: bool = False
+    ) -> None:
         self.command, self.log_path, self.cwd = list(command), log_path, cwd
+        self.fixed_port = fixed_port
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.starts = 0
@@ -59,7 +63,7 @@ class ServiceProcess:
     async def start(self) -> float:
         """Start the server; return once ``GET /health`` answers 200, with the seconds it took."""
         began = time.monotonic()
-        self.port = free_port()
+        self.port = self.port if self.fixed_port and self.port else free_port()
         self.starts += 1
         command = [*self.command, "--port", str(self.port)]
         with self.log_path.open("ab") as log:

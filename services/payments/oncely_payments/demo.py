@@ -31,8 +31,10 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import random
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -78,6 +80,7 @@ class DemoConfig:
     max_attempts: int = 100  # per intent
     intent_deadline: float = 120.0  # seconds per intent
     workdir: Path | None = None  # None: a temporary directory, removed at the end
+    keep: bool = False  # keep the service (and its dashboard) up after the audit, until Ctrl-C
 
 
 @dataclass
@@ -161,6 +164,11 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     svc.add_argument("--ttl", type=_seconds, default=d.ttl, help="seconds")
     p.add_argument("--seed", type=int, default=d.seed, help="default: random, and shown")
     p.add_argument("--workdir", type=Path, default=d.workdir, help="keep the database and logs")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the service and its dashboard up after the audit, until Ctrl-C",
+    )
     a = p.parse_args(argv)
     if a.decline_rate + a.flaky_rate > 1:
         p.error("--decline-rate and --flaky-rate add up to more than 1")
@@ -420,7 +428,20 @@ def service_command(cfg: DemoConfig, store: str, workdir: Path) -> list[str]:
         repr(cfg.ttl),
         "--lease",
         repr(cfg.lease),
+        "--demo-status",
+        str(workdir / STATUS_FILE),
     ]
+
+
+STATUS_FILE = "demo-status.json"
+
+
+def write_status(workdir: Path, **status: object) -> None:
+    """What the dashboard's audit panel reads: the demo's progress, then the audit's verdict."""
+    path = workdir / STATUS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status), "utf-8")
+    tmp.replace(path)
 
 
 async def run(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
@@ -449,14 +470,18 @@ async def run(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
             highlight=False,
         )
         service = ServiceProcess(
-            service_command(cfg, store, workdir), workdir / "service.log", workdir
+            service_command(cfg, store, workdir), workdir / "service.log", workdir, fixed_port=True
         )
+        write_status(workdir, intended=cfg.intents, finished=0)
         try:
             await service.start()
+            console.print(f"dashboard: [bold]{service.url}/dashboard[/]", highlight=False)
             await network.start()
             network.upstream_port = service.port
             try:
-                await _traffic(cfg, rng, stats, service, network, intents, outcomes, console, log)
+                await _traffic(
+                    cfg, rng, stats, service, network, intents, outcomes, console, log, workdir
+                )
             finally:
                 await network.close()
             with console.status("auditing the ledger and the card network"):
@@ -470,10 +495,18 @@ async def run(cfg: DemoConfig, console: Console | None = None) -> DemoResult:
                         ApiLedger(direct),
                         charges=card_network_charges(workdir / "card-network.db"),
                     )
+            if stats.crashes < cfg.crashes:
+                report.chaos.append(f"only {stats.crashes} of {cfg.crashes} crashes happened")
+            write_status(
+                workdir,
+                intended=cfg.intents,
+                finished=stats.finished,
+                audit="passed" if report.ok else f"failed: {len(report.problems)} problems",
+            )
+            if cfg.keep:
+                await _keep(service, console)
         finally:
             await service.stop()
-    if stats.crashes < cfg.crashes:
-        report.chaos.append(f"only {stats.crashes} of {cfg.crashes} crashes happened")
     return DemoResult(
         cfg,
         seed,
@@ -499,6 +532,7 @@ async def _traffic(
     outcomes: dict[int, Outcome],
     console: Console,
     log: list[str],
+    workdir: Path,
 ) -> None:
     done = asyncio.Event()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
@@ -525,8 +559,12 @@ async def _traffic(
             )
             sending = asyncio.create_task(clients.run_all(intents))
             try:
+                written = 0.0
                 while not sending.done():
                     progress.update(bar, completed=stats.finished)
+                    if time.monotonic() - written >= 1.0:
+                        write_status(workdir, intended=cfg.intents, finished=stats.finished)
+                        written = time.monotonic()
                     await asyncio.wait(
                         {sending} if crashes.done() else {sending, crashes}, timeout=0.1
                     )
@@ -543,6 +581,24 @@ async def _traffic(
                 progress.update(bar, completed=stats.finished)
     if not console.is_terminal:
         console.line()  # rich leaves the last line of a live display open on a file or pipe
+
+
+async def _keep(service: ServiceProcess, console: Console) -> None:
+    """Keep the service up for a look at its dashboard, until Ctrl-C."""
+    console.print(
+        f"the service stays up: [bold]{service.url}/dashboard[/] (Ctrl-C to stop; the audit "
+        "follows)",
+        highlight=False,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 class _Counters:

@@ -508,3 +508,13 @@ def delete_order(tenant: str, order_id: str, *, if_match: str | None, now: int) 
     )
     if count != 1:
         raise _precondition_failed(order)
+
+
+def audit_counts() -> Work[dict[str, int]]:
+    """Payments recorded, and how many of them repeat a (tenant, customer) pair: in the demo,
+    where every intent has a customer of its own, each repeat is a payment made twice."""
+    rows = yield from query(
+        "SELECT count(*), count(DISTINCT tenant || ' ' || customer) FROM payments"
+    )
+    recorded, distinct = (int(v) for v in rows[0])
+    return {"recorded": recorded, "duplicates": recorded - distinct}

@@ -15,6 +15,7 @@
 | ``--lease`` | ``ONCELY_PAYMENTS_LEASE`` | ``10`` (seconds) |
 | ``--crash-at`` | ``ONCELY_PAYMENTS_CRASH_AT`` | none |
 | ``--log-level`` | ``ONCELY_PAYMENTS_LOG_LEVEL`` | ``info`` |
+| ``--demo-status`` | ``ONCELY_PAYMENTS_DEMO_STATUS`` | none (the demo's JSON file: audit panel) |
 
 The store URL names the database of both oncely's records and the ledger (payments, orders): they
 must share it, so that a recovery point or a stored response commits in the same transaction as
@@ -76,6 +77,7 @@ class Settings:
     lease: float = 10.0
     crash_at: str | None = None
     log_level: str = "info"
+    demo_status: str | None = None
 
     def __post_init__(self) -> None:
         scheme = _scheme(self.store)
@@ -211,4 +213,8 @@ def parser() -> argparse.ArgumentParser:
         help="SIGKILL this process the first time a payment reaches this point (tests only)",
     )
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument(
+        "--demo-status",
+        help="the demo's status file (JSON): adds the ledger audit panel to /dashboard",
+    )
     return p

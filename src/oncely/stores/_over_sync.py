@@ -8,9 +8,10 @@ wait, and the event loop must not). :class:`AsyncOverSync` writes that once.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from .._codec import Claimed, Existing, Record, StoredResponse
+from ..events import Inspectable, StoreStats
 from . import Store
 
 __all__ = ["AsyncOverSync"]
@@ -56,6 +57,10 @@ class AsyncOverSync(Generic[S]):
 
     async def purge(self, *, limit: int = 1000) -> int:
         return await self._call(self.sync.purge, limit=limit)
+
+    async def stats(self, *, limit: int = 20) -> StoreStats:
+        """See :class:`oncely.events.Inspectable` (the sync store's ``stats``)."""
+        return await self._call(cast(Inspectable, self.sync).stats, limit=limit)
 
     async def aclose(self) -> None:
         await self._call(self.sync.close)

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ __all__ = [
     "claim_result",
     "record_from_row",
     "render_statements",
+    "render_stats",
     "take_query_option",
     "threshold_from_text",
 ]
@@ -212,6 +214,47 @@ WITH stale AS (
 )
 UPDATE {table} AS r SET response = NULL FROM stale WHERE r.key = stale.key
 """
+
+# What the store holds (stores/_stats.py), at one reading of the clock: the counts by state, the
+# earliest lease in flight, and the `limit` oldest leases as three parallel arrays. Cost: one
+# sequential scan of the table for the counts (plus a sort of the in-flight rows for the keys);
+# a read, taking no row lock.
+_STATS = """
+WITH clock AS MATERIALIZED (SELECT {clock} AS now),
+oldest AS MATERIALIZED (
+    SELECT key, attempt, lease_until FROM {table}
+    WHERE state = 'in_flight' AND forget_at > (SELECT now FROM clock)
+    ORDER BY lease_until
+    LIMIT %(limit)s
+)
+SELECT
+    count(*) FILTER (WHERE r.forget_at > (SELECT now FROM clock) AND r.state = 'in_flight'),
+    count(*) FILTER (WHERE r.forget_at > (SELECT now FROM clock) AND r.state = 'completed'
+                     AND r.expires_at > (SELECT now FROM clock)),
+    count(*) FILTER (WHERE r.forget_at > (SELECT now FROM clock) AND r.state = 'completed'
+                     AND r.expires_at <= (SELECT now FROM clock)),
+    count(*) FILTER (WHERE r.forget_at <= (SELECT now FROM clock)),
+    min(r.lease_until) FILTER (WHERE r.forget_at > (SELECT now FROM clock)
+                               AND r.state = 'in_flight'),
+    (SELECT now FROM clock),
+    (SELECT array_agg(key ORDER BY lease_until) FROM oldest),
+    (SELECT array_agg(attempt ORDER BY lease_until) FROM oldest),
+    (SELECT array_agg(lease_until ORDER BY lease_until) FROM oldest)
+FROM {table} AS r
+"""
+
+
+@functools.lru_cache(maxsize=64)
+def render_stats(schema: str, table: str) -> str:
+    """The stats statement for ``schema.table`` (parameters: ``limit``, ``offset``)."""
+    _check_identifier("schema", schema, 63)
+    _check_identifier("table", table, _MAX_TABLE_BYTES)
+    return (
+        sql.SQL(_STATS)
+        .format(table=sql.Identifier(schema, table), clock=sql.SQL(_CLOCK))
+        .as_string(None)
+    )
+
 
 # Index names derive from the table name and must fit PostgreSQL's 63-byte identifiers.
 _MAX_TABLE_BYTES = 63 - len("_expires_at")

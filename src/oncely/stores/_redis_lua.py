@@ -27,6 +27,7 @@ __all__ = [
     "RELEASE",
     "RENEW",
     "RETENTION",
+    "STATES",
     "VERSION",
     "Script",
     "command",

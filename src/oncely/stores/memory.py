@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 from .._codec import Claimed, Existing, Record, StoredResponse
+from ..events import StoreStats
 from . import _rules
 from ._over_sync import AsyncOverSync
+from ._stats import stats_of
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
 
@@ -105,6 +107,11 @@ class MemoryStore:
                 else:
                     self._records[key] = _rules.strip(record)
             return limit - budget["delete"]
+
+    def stats(self, *, limit: int = 20) -> StoreStats:
+        """Records by state and the ``limit`` oldest leases (one pass over the dict)."""
+        with self._lock:
+            return stats_of(list(self._records.values()), now=self._clock(), limit=limit)
 
     def close(self) -> None:
         return None

@@ -38,8 +38,10 @@ from .._codec import (
     record_from_columns,
 )
 from .._errors import ConfigurationError, StoreUnavailable
+from ..events import InFlightKey, StoreStats
 from ._over_sync import AsyncOverSync
 from ._rules import ABANDONED_RETENTION, claimable, new_token
+from ._stats import key_hash
 
 __all__ = ["AsyncSQLiteStore", "SQLiteStore"]
 
@@ -351,6 +353,49 @@ class SQLiteStore:
             (now, limit),
         )
         return deleted
+
+    def stats(self, *, limit: int = 20) -> StoreStats:
+        """Records by state (one aggregate over the table), and the ``limit`` oldest leases.
+
+        Cost: one scan of the table for the counts, in one read transaction with the lease
+        query, so both see the same records; it takes no write lock.
+        """
+        t = self.table
+        with self._edge() as conn:
+            now = self._clock()
+            conn.execute("BEGIN")
+            try:
+                counts = conn.execute(
+                    "SELECT "
+                    "coalesce(sum(forget_at > :now AND state = 'in_flight'), 0), "
+                    "coalesce(sum(forget_at > :now AND state = 'completed' "
+                    "AND expires_at > :now), 0), "
+                    "coalesce(sum(forget_at > :now AND state = 'completed' "
+                    "AND expires_at <= :now), 0), "
+                    "coalesce(sum(forget_at <= :now), 0), "
+                    "min(CASE WHEN forget_at > :now AND state = 'in_flight' "
+                    f"THEN lease_until END) FROM {t}",
+                    {"now": now},
+                ).fetchone()
+                keys = conn.execute(
+                    f"SELECT key, attempt, lease_until FROM {t} "
+                    "WHERE state = 'in_flight' AND forget_at > ? ORDER BY lease_until LIMIT ?",
+                    (now, max(0, limit)),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        in_flight, completed, tombstones, expired, oldest = counts
+        return StoreStats(
+            in_flight=int(in_flight),
+            completed=int(completed),
+            tombstones=int(tombstones),
+            expired=int(expired),
+            oldest_lease_left=None if oldest is None else float(oldest) - now,
+            in_flight_keys=tuple(
+                InFlightKey(key_hash(key), int(attempt), float(lease) - now)
+                for key, attempt, lease in keys
+            ),
+        )
 
     def close(self) -> None:
         for conn in self._connections:

@@ -19,6 +19,7 @@ from psycopg_pool.base import AttemptWithBackoff
 
 from ..._codec import Claimed, Existing, Record, StoredResponse, encode_response
 from ..._errors import ConfigurationError, StoreUnavailable
+from ...events import InFlightKey, StoreStats
 from .._postgres_sql import (
     CLAIM_TRIES,
     PURGE_BATCH,
@@ -26,10 +27,12 @@ from .._postgres_sql import (
     claim_result,
     record_from_row,
     render_statements,
+    render_stats,
     take_query_option,
     threshold_from_text,
 )
 from .._rules import ABANDONED_RETENTION, new_token
+from .._stats import key_hash
 from ._io import Lock, promptly
 
 __all__ = ["AsyncPostgresStore"]
@@ -369,6 +372,27 @@ class AsyncPostgresStore:
         deleted = await self._batches(self.statements.purge_batch, limit)
         await self._batches(self.statements.strip_batch, limit)
         return deleted
+
+    async def stats(self, *, limit: int = 20) -> StoreStats:
+        """Records by state and the ``limit`` oldest leases, in one statement (one sequential
+        scan of the table; a read that takes no row lock)."""
+        params = {"limit": max(0, limit), "offset": float(self.time_offset)}
+        row = await self._fetchone(render_stats(self.schema, self.table), params)
+        assert row is not None  # an aggregate without GROUP BY always answers one row
+        in_flight, completed, tombstones, expired, oldest, now, keys, attempts, leases = row
+        return StoreStats(
+            in_flight=int(in_flight),
+            completed=int(completed),
+            tombstones=int(tombstones),
+            expired=int(expired),
+            oldest_lease_left=None if oldest is None else float(oldest) - float(now),
+            in_flight_keys=tuple(
+                InFlightKey(key_hash(key), int(attempt), float(lease) - float(now))
+                for key, attempt, lease in zip(
+                    keys or (), attempts or (), leases or (), strict=True
+                )
+            ),
+        )
 
     async def aclose(self) -> None:
         async with self._lock:
