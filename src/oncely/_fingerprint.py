@@ -56,13 +56,21 @@ def _number(text: str) -> object:
     return value
 
 
-def _loads(body: bytes) -> object:
-    # Numbers are normalized as they are parsed, so no second walk over the document.
-    return json.loads(body, parse_float=_number, parse_constant=_reject_constant)
-
-
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
+
+
+# Made once per process: json.loads and json.dumps with options build a new decoder or encoder
+# on every call. These do exactly what json.loads(body, parse_float=..., parse_constant=...) and
+# json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) do.
+_DECODER = json.JSONDecoder(parse_float=_number, parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _loads(body: bytes) -> object:
+    # Numbers are normalized as they are parsed, so no second walk over the document.
+    # As json.loads reads bytes: UTF-8, -16 or -32 by its first bytes (a UTF-8 BOM skipped).
+    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 
 def canonical_json(body: bytes) -> bytes | None:
@@ -74,9 +82,7 @@ def canonical_json(body: bytes) -> bytes | None:
 
 
 def _dump(value: object) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode(
-        "utf-8", "surrogatepass"
-    )
+    return _ENCODER.encode(value).encode("utf-8", "surrogatepass")
 
 
 def _drop_path(value: object, path: list[str]) -> None:
@@ -121,12 +127,11 @@ def fingerprint(
 ) -> str:
     """The versioned fingerprint of a request; equal for requests that mean the same."""
     kind, canonical = _canonical_body(media_type(content_type), body, tuple(ignore_fields))
-    h = hashlib.sha256()
     normalized = normalize_query(query) if query else ""
+    # One pass of the hash over: each part with its length (4 bytes), then the body's (8).
+    parts: list[bytes] = []
     for part in (FINGERPRINT_VERSION, method.upper(), path, normalized, kind):
         encoded = part.encode("utf-8", "surrogatepass")
-        h.update(len(encoded).to_bytes(4, "big"))
-        h.update(encoded)
-    h.update(len(canonical).to_bytes(8, "big"))
-    h.update(canonical)
-    return f"{FINGERPRINT_VERSION}:{h.hexdigest()}"
+        parts += (len(encoded).to_bytes(4, "big"), encoded)
+    parts += (len(canonical).to_bytes(8, "big"), canonical)
+    return f"{FINGERPRINT_VERSION}:{hashlib.sha256(b''.join(parts)).hexdigest()}"

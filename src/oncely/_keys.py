@@ -98,12 +98,11 @@ def parse_key(raw: bytes | str) -> str:
 
 def storage_key(tenant: str, key: str, namespace: str = "") -> str:
     """The key a store keeps: a hash of (namespace, tenant, key), never the raw key."""
-    h = hashlib.sha256()
+    parts: list[bytes] = []
     for part in (namespace, tenant, key):
         encoded = part.encode("utf-8", "surrogatepass")
-        h.update(len(encoded).to_bytes(4, "big"))
-        h.update(encoded)
-    return h.hexdigest()
+        parts += (len(encoded).to_bytes(4, "big"), encoded)
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 _configured = os.environ.get("ONCELY_HASH_SECRET", "")

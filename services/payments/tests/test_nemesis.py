@@ -8,7 +8,9 @@ the ledger before the audit, and a service whose store's writes ignore the fenci
 
 from __future__ import annotations
 
+import gc
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +25,15 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _collect_reset_transports() -> Iterator[None]:
+    """Collect the transports of reset connections here, under this module's filters, rather
+    than in whatever test runs next."""
+    yield
+    gc.collect()
+
 
 SHORT = NemesisConfig(
     duration=5.0, processes=2, clients=8, lease=1.0, fault_gap=(0.15, 0.5), card_latency_ms=20
