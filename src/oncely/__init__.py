@@ -22,6 +22,7 @@ from ._config import (
 )
 from ._errors import (
     ConfigurationError,
+    IncompleteBody,
     KeyInFlight,
     KeyReused,
     MalformedKey,
@@ -51,6 +52,7 @@ __all__ = [
     "Codec",
     "ConfigurationError",
     "Existing",
+    "IncompleteBody",
     "KeyInFlight",
     "KeyReused",
     "LeaseLost",

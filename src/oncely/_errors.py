@@ -10,6 +10,7 @@ Every error a client can see knows its HTTP answer and renders itself as
         ├── MissingKey                400
         ├── MalformedKey              400
         ├── MissingTenant             400
+        ├── IncompleteBody            400  (a WSGI body shorter than its Content-Length)
         ├── KeyInFlight               409  + Retry-After
         ├── ResponseNotReplayable     410  (the operation completed; its response is not kept:
         │                                   permanent, so retrying clients stop)
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 
 __all__ = [
     "ConfigurationError",
+    "IncompleteBody",
     "KeyInFlight",
     "KeyReused",
     "MalformedKey",
@@ -132,6 +134,12 @@ class RequestTooLarge(ProblemError):
     status = 413
     slug = "request-too-large"
     title = "Request body too large"
+
+
+class IncompleteBody(ProblemError):
+    status = 400
+    slug = "incomplete-request-body"
+    title = "The request body is not what its length says"
 
 
 class KeyReused(ProblemError):

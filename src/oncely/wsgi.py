@@ -32,7 +32,7 @@ from ._attempt import running
 from ._codec import Claimed
 from ._config import Options, Request, Settings, Tenant
 from ._drive import BackgroundThreads, drive
-from ._errors import ProblemError, problem_response
+from ._errors import IncompleteBody, ProblemError, problem_response
 from ._flow import AppFailed, Lease, Ran
 from ._observe import Observer, Watch
 from ._pipeline import Admitted, Answer, Capture, admit, settle
@@ -131,9 +131,19 @@ def _status_line(status: int) -> str:
 
 def _read_body(environ: dict[str, Any], admitted: Admitted) -> bytes:
     stream: IO[bytes] = environ["wsgi.input"]
-    length = environ.get("CONTENT_LENGTH") or ""
-    if length.strip():
-        return stream.read(int(length)) if int(length) > 0 else b""
+    length = (environ.get("CONTENT_LENGTH") or "").strip()
+    if length:
+        if not length.isdigit():
+            raise IncompleteBody(f"Content-Length {length[:40]!r} is not a number of bytes.")
+        declared = int(length)
+        body = stream.read(declared) if declared else b""
+        if len(body) < declared:
+            raise IncompleteBody(
+                f"The request body ended after {len(body)} of the {declared} bytes its "
+                "Content-Length declares; nothing was run. Send the whole body again.",
+                extensions={"received_bytes": len(body), "declared_bytes": declared},
+            )
+        return body
     if not environ.get("wsgi.input_terminated"):
         return b""  # no length and no end marker: PEP 3333 says there is no body to read
     parts: list[bytes] = []
