@@ -15,6 +15,7 @@ ONCELY_ALL = [
     "Codec",
     "ConfigurationError",
     "Existing",
+    "IncompleteBody",
     "KeyInFlight",
     "KeyReused",
     "LeaseLost",
