@@ -54,6 +54,7 @@ from oncely.client import AsyncIdempotentTransport, RetryEvent, RetryPolicy
 
 from .audit import ApiLedger, AuditReport, Intent, Kind, Outcome, audit, card_network_charges
 from .chaos import LOOPBACK, ServiceProcess
+from .demo import _positive
 from .store_proxy import Mode, StoreProxy
 
 __all__ = ["NemesisConfig", "StoreRun", "main", "parse_args", "run_store"]
@@ -543,13 +544,6 @@ def _seconds(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number of seconds")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not 1 or more")
     return value
 
 
