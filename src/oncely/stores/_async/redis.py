@@ -8,6 +8,7 @@ those of ``stores/_redis_lua.py``; see ``oncely/stores/redis.py`` for the store 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -39,6 +40,7 @@ from .._redis_lua import (
 )
 from .._rules import new_token
 from .._stats import StatsCounter
+from ._io import Batcher
 from ._redis_io import Connections, cluster_ready, drop
 
 __all__ = ["AsyncRedisStore"]
@@ -96,6 +98,10 @@ class AsyncRedisStore:
         self._renew = Script(RENEW)
         self._record_phase = Script(RECORD_PHASE)
         self._purge = Script(PURGE)
+        # Scripts queued while a round trip is out go out together, pipelined on one connection.
+        self._batcher: Batcher[tuple[Script, tuple[bytes, ...]], Any] = Batcher(
+            self._send_scripts, max_size=64, lanes=4
+        )
 
     @classmethod
     def from_url(
@@ -145,10 +151,7 @@ class AsyncRedisStore:
         try:
             if self._connections is None:
                 return await self._eval_on_cluster(script, key, args)
-            try:
-                return await self._send(command(b"EVALSHA", script.sha, b"1", key, *args))
-            except NoScriptError:
-                return await self._send(command(b"EVAL", script.text, b"1", key, *args))
+            return await self._batcher.submit((script, (b"1", key, *args)))
         except Exception as exc:  # see _unavailable: any failure of the client library
             raise self._unavailable(exc) from exc
 
@@ -158,6 +161,56 @@ class AsyncRedisStore:
             return await self.client.execute_command("EVALSHA", script.sha, 1, key, *args)
         except NoScriptError:
             return await self.client.execute_command("EVAL", script.text, 1, key, *args)
+
+    async def _send_scripts(self, items: Sequence[tuple[Script, tuple[bytes, ...]]]) -> list[Any]:
+        """Run the queued scripts: EVALSHA, and EVAL for those the server does not know yet.
+
+        One script goes out alone through :meth:`_send`, with the connection's retry policy. More
+        go out pipelined in one write on one connection, their replies read in order, and are not
+        resent: a failure of that round trip fails all of them (some may have run; the callers
+        treat StoreUnavailable as unknown). A NOSCRIPT reply means the script did not run, so
+        only those items go out again, as EVAL."""
+        results = await self._pipeline(
+            [command(b"EVALSHA", script.sha, *args) for script, args in items]
+        )
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            again = await self._pipeline(
+                [command(b"EVAL", items[i][0].text, *items[i][1]) for i in missing]
+            )
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _pipeline(self, packed: list[bytes]) -> list[Any]:
+        """The replies to ``packed``, in order: a value, or the server's error for one command."""
+        if len(packed) == 1:
+            try:
+                return [await self._send(packed[0])]
+            except ResponseError as exc:
+                return [exc]
+        assert self._connections is not None
+        conn = await self._connections.take()
+        try:
+            replies: list[Any] = []
+            try:
+                await conn.send_packed_command(packed)
+                for _ in packed:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:  # read in full: the connection is fine
+                        replies.append(exc)
+            except Exception as exc:
+                # No resend: a script whose reply was lost may have run. Those answered keep
+                # their answers; the rest fail (StoreUnavailable: the outcome is unknown).
+                await drop(conn)
+                return replies + [exc] * (len(packed) - len(replies))
+            return replies
+        except BaseException:
+            await drop(conn)
+            raise
+        finally:
+            self._connections.give_back(conn)
 
     async def _send(self, packed: bytes) -> Any:
         """One command and its reply, on a connection of the store's own, with the connection's

@@ -10,6 +10,7 @@ those of ``stores/_redis_lua.py``; see ``oncely/stores/redis.py`` for the store 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from redis import BlockingConnectionPool, Redis
@@ -41,6 +42,7 @@ from .._redis_lua import (
 )
 from .._rules import new_token
 from .._stats import StatsCounter
+from ._io import Batcher
 from ._redis_io import Connections, cluster_ready, drop
 
 __all__ = ["RedisStore"]
@@ -98,6 +100,10 @@ class RedisStore:
         self._renew = Script(RENEW)
         self._record_phase = Script(RECORD_PHASE)
         self._purge = Script(PURGE)
+        # Scripts queued while a round trip is out go out together, pipelined on one connection.
+        self._batcher: Batcher[tuple[Script, tuple[bytes, ...]], Any] = Batcher(
+            self._send_scripts, max_size=64, lanes=4
+        )
 
     @classmethod
     def from_url(
@@ -147,10 +153,7 @@ class RedisStore:
         try:
             if self._connections is None:
                 return self._eval_on_cluster(script, key, args)
-            try:
-                return self._send(command(b"EVALSHA", script.sha, b"1", key, *args))
-            except NoScriptError:
-                return self._send(command(b"EVAL", script.text, b"1", key, *args))
+            return self._batcher.submit((script, (b"1", key, *args)))
         except Exception as exc:  # see _unavailable: any failure of the client library
             raise self._unavailable(exc) from exc
 
@@ -160,6 +163,54 @@ class RedisStore:
             return self.client.execute_command("EVALSHA", script.sha, 1, key, *args)
         except NoScriptError:
             return self.client.execute_command("EVAL", script.text, 1, key, *args)
+
+    def _send_scripts(self, items: Sequence[tuple[Script, tuple[bytes, ...]]]) -> list[Any]:
+        """Run the queued scripts: EVALSHA, and EVAL for those the server does not know yet.
+
+        One script goes out alone through :meth:`_send`, with the connection's retry policy. More
+        go out pipelined in one write on one connection, their replies read in order, and are not
+        resent: a failure of that round trip fails all of them (some may have run; the callers
+        treat StoreUnavailable as unknown). A NOSCRIPT reply means the script did not run, so
+        only those items go out again, as EVAL."""
+        results = self._pipeline([command(b"EVALSHA", script.sha, *args) for script, args in items])
+        missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if missing:
+            again = self._pipeline(
+                [command(b"EVAL", items[i][0].text, *items[i][1]) for i in missing]
+            )
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    def _pipeline(self, packed: list[bytes]) -> list[Any]:
+        """The replies to ``packed``, in order: a value, or the server's error for one command."""
+        if len(packed) == 1:
+            try:
+                return [self._send(packed[0])]
+            except ResponseError as exc:
+                return [exc]
+        assert self._connections is not None
+        conn = self._connections.take()
+        try:
+            replies: list[Any] = []
+            try:
+                conn.send_packed_command(packed)
+                for _ in packed:
+                    try:
+                        replies.append(conn.read_response())
+                    except ResponseError as exc:  # read in full: the connection is fine
+                        replies.append(exc)
+            except Exception as exc:
+                # No resend: a script whose reply was lost may have run. Those answered keep
+                # their answers; the rest fail (StoreUnavailable: the outcome is unknown).
+                drop(conn)
+                return replies + [exc] * (len(packed) - len(replies))
+            return replies
+        except BaseException:
+            drop(conn)
+            raise
+        finally:
+            self._connections.give_back(conn)
 
     def _send(self, packed: bytes) -> Any:
         """One command and its reply, on a connection of the store's own, with the connection's
