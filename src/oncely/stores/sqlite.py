@@ -23,9 +23,10 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ from .._codec import (
 )
 from .._errors import ConfigurationError, StoreUnavailable
 from ..events import InFlightKey, StoreStats
+from ._async._io import Batcher
 from ._over_sync import AsyncOverSync
 from ._rules import ABANDONED_RETENTION, claimable, new_token
 from ._stats import key_hash
@@ -113,6 +115,18 @@ def _path_of(url: str) -> str:
     if not rest:
         raise ConfigurationError("a sqlite: store URL needs a file: 'sqlite:oncely.db'")
     return rest
+
+
+def _one_row(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> bool:
+    return int(conn.execute(sql, params).rowcount) == 1
+
+
+@dataclass(frozen=True)
+class _Write:
+    """One queued write: ``write`` runs it; ``read`` (claims) may answer it without writing."""
+
+    write: Callable[[sqlite3.Connection], object]
+    read: Callable[[sqlite3.Connection], object | None] | None = None
 
 
 class SQLiteStore:
@@ -218,15 +232,27 @@ class SQLiteStore:
     def _claim(
         self, conn: sqlite3.Connection, key: str, fingerprint: str, *, lease: float
     ) -> Claimed | Existing:
+        return self._claim_read(conn, key, fingerprint) or self._claim_write(
+            conn, key, fingerprint, lease=lease
+        )
+
+    def _claim_read(self, conn: sqlite3.Connection, key: str, fingerprint: str) -> Existing | None:
+        """The answer to a claim that cannot win, from a read alone; None: it may win."""
         now = self._clock()
         # A repeat of a completed or running request is the common case, and a read answers it
         # without taking the write lock. Whether the key is won is still decided by the single
-        # UPSERT below, atomically; this read only spares it when it could not win.
+        # UPSERT of _claim_write, atomically; this read only spares it when it could not win.
         row = conn.execute(self._get_sql, (key,)).fetchone()
         if row is not None:
             seen = _record(row)
             if not claimable(seen, fingerprint, now):
                 return Existing(seen, now)
+        return None
+
+    def _claim_write(
+        self, conn: sqlite3.Connection, key: str, fingerprint: str, *, lease: float
+    ) -> Claimed | Existing:
+        now = self._clock()
         token = new_token()
         lease_until = now + lease
         row = conn.execute(
@@ -319,15 +345,64 @@ class SQLiteStore:
         return cur.rowcount == 1
 
     def renew(self, claim: Claimed, *, lease: float) -> bool:
+        with self._edge() as conn:
+            return self._renew(conn, claim, lease=lease)
+
+    def _renew(self, conn: sqlite3.Connection, claim: Claimed, *, lease: float) -> bool:
         lease_until = self._clock() + lease
         forget_at = lease_until + ABANDONED_RETENTION
+        cur = conn.execute(
+            f"UPDATE {self.table} SET lease_until = ?, expires_at = ?, forget_at = "
+            "max(forget_at, ?) WHERE key = ? AND token = ? AND state = 'in_flight'",
+            (lease_until, lease_until, forget_at, claim.key, claim.token),
+        )
+        return cur.rowcount == 1
+
+    def _write_batch(self, ops: Sequence[_Write]) -> list[object]:
+        """Run queued writes in queue order, in one write transaction (one commit).
+
+        Claims answered by a read alone (repeats) come first without the write lock, as long as
+        no write came before them; the first write takes the lock (BEGIN IMMEDIATE) and every op
+        from there runs inside, each in a savepoint of its own, so one that fails fails alone.
+        If the commit fails, every op inside gets StoreUnavailable: none is reported done.
+        """
+        results: list[object] = []
         with self._edge() as conn:
-            cur = conn.execute(
-                f"UPDATE {self.table} SET lease_until = ?, expires_at = ?, forget_at = "
-                "max(forget_at, ?) WHERE key = ? AND token = ? AND state = 'in_flight'",
-                (lease_until, lease_until, forget_at, claim.key, claim.token),
-            )
-            return cur.rowcount == 1
+            at = 0
+            while at < len(ops):
+                read = ops[at].read
+                answer = None if read is None else read(conn)
+                if answer is None:
+                    break
+                results.append(answer)
+                at += 1
+            if at == len(ops):
+                return results
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for op in ops[at:]:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        answer = op.read(conn) if op.read is not None else None
+                        results.append(op.write(conn) if answer is None else answer)
+                    except Exception as exc:
+                        conn.execute("ROLLBACK TO op")
+                        results.append(self._failed(exc))
+                    conn.execute("RELEASE op")
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if not isinstance(exc, Exception):
+                    raise
+                error = self._failed(exc)
+                results[at:] = [error] * (len(ops) - at)
+        return results
+
+    def _failed(self, exc: BaseException) -> StoreUnavailable:
+        if isinstance(exc, StoreUnavailable):
+            return exc
+        return StoreUnavailable(f"SQLite store {self.path!r} failed: {type(exc).__name__}: {exc}")
 
     def get(self, key: str) -> Record | None:
         with self._edge() as conn:
@@ -419,6 +494,8 @@ class AsyncSQLiteStore(AsyncOverSync[SQLiteStore]):
         self.path, self.table = self.sync.path, self.sync.table
         self._wait = self.sync._busy_ms / 1000 + 1  # busy_timeout, plus a second for the queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="oncely-sqlite")
+        # Writes queued while the worker runs a batch run together next, in one transaction.
+        self._batcher: Batcher[_Write, object] = Batcher(self._send_writes, max_size=64)
 
     @classmethod
     def from_url(cls, url: str, /, **options: Any) -> AsyncSQLiteStore:
@@ -445,6 +522,41 @@ class AsyncSQLiteStore(AsyncOverSync[SQLiteStore]):
             raise StoreUnavailable(
                 f"SQLite store {self.path!r} failed: {type(exc).__name__}: {exc}"
             ) from exc
+
+    async def _send_writes(self, ops: Sequence[_Write]) -> list[object]:
+        return await self._call(self.sync._write_batch, ops)
+
+    async def _write(self, op: _Write) -> Any:
+        return await self._batcher.submit(op)
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+        sync = self.sync
+        result: Claimed | Existing = await self._write(
+            _Write(
+                lambda conn: sync._claim_write(conn, key, fingerprint, lease=lease),
+                lambda conn: sync._claim_read(conn, key, fingerprint),
+            )
+        )
+        return result
+
+    async def complete(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        sql, params = self.complete_statement(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
+        return bool(await self._write(_Write(lambda conn: _one_row(conn, sql, params))))
+
+    async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
+        """Append recovery point (name, data JSON) while ``claim`` owns the key."""
+        sql, params = self.phase_statement(claim, name, data)
+        return bool(await self._write(_Write(lambda conn: _one_row(conn, sql, params))))
+
+    async def release(self, claim: Claimed) -> bool:
+        sync = self.sync
+        return bool(await self._write(_Write(lambda conn: sync._release(conn, claim))))
+
+    async def renew(self, claim: Claimed, *, lease: float) -> bool:
+        sync = self.sync
+        return bool(await self._write(_Write(lambda conn: sync._renew(conn, claim, lease=lease))))
 
     def complete_statement(
         self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
