@@ -489,7 +489,9 @@ def _build_api(handlers: Handlers, lifespan: Any) -> FastAPI:
             503: {**_PROBLEM, "description": "the card network failed: retry, same key"},
         },
     )
-    api.add_api_route("/payments", h.list_payments, methods=["GET"], tags=["payments"])
+    api.add_api_route(
+        "/payments", h.list_payments, methods=["GET"], tags=["payments"], responses=errors
+    )
     api.add_api_route(
         "/payments/{payment_id}",
         h.get_payment,
@@ -505,7 +507,7 @@ def _build_api(handlers: Handlers, lifespan: Any) -> FastAPI:
         tags=["orders"],
         responses=errors,
     )
-    api.add_api_route("/orders", h.list_orders, methods=["GET"], tags=["orders"])
+    api.add_api_route("/orders", h.list_orders, methods=["GET"], tags=["orders"], responses=errors)
     api.add_api_route(
         "/orders/{order_id}", h.get_order, methods=["GET"], tags=["orders"], responses=errors
     )
