@@ -20,6 +20,7 @@ from typing import Any
 import schemathesis
 import uvicorn
 from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -58,6 +59,8 @@ def _serve() -> str:
 
 BASE = _serve()
 schema = schemathesis.openapi.from_url(f"{BASE}/openapi.json")
+# Valid requests, so the stateful run gets past POST and follows the links it creates.
+schema.config.generation.update(modes=[GenerationMode.POSITIVE], allow_extra_parameters=False)
 
 
 # What the service promises: no 5xx for anything a client sends, and every answer as declared.
@@ -83,3 +86,27 @@ def _headers() -> dict[str, str]:
 )
 def test_operations(case: schemathesis.Case[Any]) -> None:
     case.call_and_validate(headers=_headers(), checks=CHECKS)
+
+
+STATEFUL_STEPS = int(os.environ.get("ONCELY_SCHEMA_STEPS", "10"))
+
+
+class Workflows(schema.as_state_machine()):  # type: ignore[misc]
+    """Stateful: follow the links (a created order to GET/PATCH/PUT/DELETE/pay it with its
+    ETag, a payment to GET it), each call with the valid key and a fresh Idempotency-Key."""
+
+    def get_call_kwargs(self, case: schemathesis.Case[Any]) -> dict[str, Any]:
+        return {"headers": _headers()}
+
+    def validate_response(self, response: Any, case: schemathesis.Case[Any], **kwargs: Any) -> None:
+        case.validate_response(response, checks=CHECKS)
+
+
+TestWorkflows = Workflows.TestCase
+TestWorkflows.settings = settings(
+    max_examples=STATEFUL_STEPS,
+    stateful_step_count=8,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+)
