@@ -49,3 +49,10 @@ verify: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+# atheris harnesses (fuzz/), not part of `make test`: make fuzz ARGS='-max_total_time=300'
+.PHONY: fuzz
+FUZZ_ARGS ?= $(if $(ARGS),$(ARGS),-max_total_time=60)
+fuzz: $(STAMP)
+	$(BIN)/python -m pip install --quiet 'atheris>=2.3'
+	for harness in fuzz/fuzz_*.py; do echo "== $$harness"; $(BIN)/python $$harness $(FUZZ_ARGS) || exit 1; done

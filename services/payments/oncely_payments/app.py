@@ -463,6 +463,22 @@ class Handlers:
 _PROBLEM = {"content": {PROBLEM_TYPE: {}}, "description": "a problem (RFC 9457)"}
 
 
+def _link(path: str, method: str, parameter: str, *, etag: bool = False) -> dict[str, Any]:
+    """An OpenAPI link: the operation at ``path`` with ``parameter`` from the response's id
+    (and, with ``etag``, If-Match from its ETag)."""
+    ref = "#/paths/" + path.replace("~", "~0").replace("/", "~1") + "/" + method
+    parameters = {parameter: "$response.body#/id"}
+    if etag:
+        parameters["header.If-Match"] = "$response.header.ETag"
+    return {"operationRef": ref, "parameters": parameters}
+
+
+_ORDER_LINKS = {
+    f"{verb.title()}Order": _link("/orders/{order_id}", verb, "order_id", etag=verb != "get")
+    for verb in ("get", "patch", "put", "delete")
+} | {"PayOrder": _link("/orders/{order_id}/pay", "post", "order_id")}
+
+
 def _build_api(handlers: Handlers, lifespan: Any) -> FastAPI:
     api = FastAPI(
         title="oncely payments",
@@ -484,12 +500,17 @@ def _build_api(handlers: Handlers, lifespan: Any) -> FastAPI:
         tags=["payments"],
         responses={
             **errors,
-            201: {"description": "the payment, status succeeded"},
+            201: {
+                "description": "the payment, status succeeded",
+                "links": {"GetPayment": _link("/payments/{payment_id}", "get", "payment_id")},
+            },
             402: {**_PROBLEM, "description": "declined: a problem with the failed payment"},
             503: {**_PROBLEM, "description": "the card network failed: retry, same key"},
         },
     )
-    api.add_api_route("/payments", h.list_payments, methods=["GET"], tags=["payments"])
+    api.add_api_route(
+        "/payments", h.list_payments, methods=["GET"], tags=["payments"], responses=errors
+    )
     api.add_api_route(
         "/payments/{payment_id}",
         h.get_payment,
@@ -503,9 +524,9 @@ def _build_api(handlers: Handlers, lifespan: Any) -> FastAPI:
         methods=["POST"],
         status_code=201,
         tags=["orders"],
-        responses=errors,
+        responses={**errors, 201: {"description": "the order", "links": _ORDER_LINKS}},
     )
-    api.add_api_route("/orders", h.list_orders, methods=["GET"], tags=["orders"])
+    api.add_api_route("/orders", h.list_orders, methods=["GET"], tags=["orders"], responses=errors)
     api.add_api_route(
         "/orders/{order_id}", h.get_order, methods=["GET"], tags=["orders"], responses=errors
     )
@@ -531,7 +552,10 @@ def _build_api(handlers: Handlers, lifespan: Any) -> FastAPI:
         tags=["orders"],
         responses={
             **errors,
-            201: {"description": "the payment, status succeeded; the order is paid"},
+            201: {
+                "description": "the payment, status succeeded; the order is paid",
+                "links": {"GetPayment": _link("/payments/{payment_id}", "get", "payment_id")},
+            },
             402: {**_PROBLEM, "description": "declined: a problem with the failed payment"},
             503: {**_PROBLEM, "description": "the card network failed: retry, same key"},
         },
