@@ -649,9 +649,10 @@ def _unfence(store: AsyncStore) -> None:
     claim = store.claim
 
     async def short_claim(key: str, fingerprint: str, *, lease: float) -> Any:
-        # Every claim's lease ends at once: a duplicate or a retry takes the key over while the
-        # first holder still runs, which only fencing can stop.
-        return await claim(key, fingerprint, lease=0.001)
+        # Every claim's lease ends at once (a microsecond: a duplicate claimed in the same store
+        # batch, microseconds later, takes over too): a duplicate or a retry takes the key over
+        # while the first holder still runs, which only fencing can stop.
+        return await claim(key, fingerprint, lease=1e-6)
 
     setattr(store, "claim", short_claim)  # noqa: B010
     setattr(store, "phase_statement", phase_statement)  # noqa: B010
