@@ -34,6 +34,7 @@ SUBS = [
     ("AsyncRedisStore", "RedisStore"),
     ("AsyncConnectionPool", "ConnectionPool"),
     ("AsyncConnection", "Connection"),
+    ("AsyncCursor", "Cursor"),
     ("AsyncIterator", "Iterator"),
     ("asynccontextmanager", "contextmanager"),
     ("redis.asyncio", "redis"),

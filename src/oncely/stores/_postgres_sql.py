@@ -190,6 +190,68 @@ FROM (SELECT {clock} AS now) AS clock
 WHERE {owned}
 """
 
+# Batches (the async store's natural batching): one statement for many claims, one for many
+# completes, each row decided exactly as by _CLAIM and _COMPLETE. The keys of one statement are
+# distinct (ON CONFLICT cannot touch a row twice in one statement); the store splits a batch
+# where a key comes again. Each input row carries its ordinal `n`, returned with its answer.
+# Rows are inserted in key order, so that two batches lock shared keys in the same order.
+_CLAIM_BATCH = """
+WITH clock AS MATERIALIZED (SELECT {clock} AS now),
+input AS MATERIALIZED (
+    SELECT * FROM unnest(
+        CAST(%(keys)s AS text[]), CAST(%(fps)s AS text[]),
+        CAST(%(tokens)s AS text[]), CAST(%(leases)s AS double precision[])
+    ) WITH ORDINALITY AS i(key, fp, token, lease, n)
+),
+standing AS MATERIALIZED (
+    SELECT i.n, {returning} FROM input AS i JOIN {table} AS r ON r.key = i.key
+    WHERE NOT {win_of_input}
+),
+won AS (
+    INSERT INTO {table} AS r ({columns})
+    SELECT i.key, i.fp, 'in_flight', i.token, 1,
+           clock.now + i.lease,
+           clock.now + i.lease,
+           clock.now + i.lease + CAST(%(retention)s AS double precision),
+           NULL, '[]'
+    FROM input AS i, clock
+    WHERE NOT EXISTS (SELECT 1 FROM standing AS s WHERE s.n = i.n)
+    ORDER BY i.key COLLATE "C"
+    ON CONFLICT (key) DO UPDATE SET
+        fingerprint = excluded.fingerprint,
+        state       = 'in_flight',
+        token       = excluded.token,
+        attempt     = CASE WHEN {fresh} THEN 1 ELSE r.attempt + 1 END,
+        lease_until = excluded.lease_until,
+        expires_at  = excluded.expires_at,
+        forget_at   = excluded.forget_at,
+        response    = NULL,
+        phases      = CASE WHEN {fresh} THEN '[]' ELSE r.phases END
+    WHERE {win_of_excluded}
+    RETURNING {returning}
+)
+SELECT {won_columns}, (SELECT now FROM clock), i.n FROM won JOIN input AS i ON i.key = won.key
+UNION ALL
+SELECT {standing_columns}, (SELECT now FROM clock), s.n FROM standing AS s
+"""
+
+_COMPLETE_BATCH = """
+UPDATE {table} AS r
+SET response = CASE WHEN r.state = 'in_flight' THEN i.response ELSE r.response END,
+    expires_at = CASE WHEN r.state = 'in_flight'
+        THEN clock.now + i.ttl ELSE r.expires_at END,
+    forget_at = CASE WHEN r.state = 'in_flight'
+        THEN clock.now + i.ttl + i.tombstone_ttl ELSE r.forget_at END,
+    state = 'completed'
+FROM (SELECT {clock} AS now) AS clock,
+     unnest(
+        CAST(%(keys)s AS text[]), CAST(%(tokens)s AS text[]), CAST(%(responses)s AS bytea[]),
+        CAST(%(ttls)s AS double precision[]), CAST(%(tombstone_ttls)s AS double precision[])
+     ) WITH ORDINALITY AS i(key, token, response, ttl, tombstone_ttl, n)
+WHERE r.key = i.key AND r.token = i.token AND r.state IN ('in_flight', 'completed')
+RETURNING i.n
+"""
+
 _GET = "SELECT {columns} FROM {table} WHERE key = %(key)s"
 
 _PURGE_BATCH = """
@@ -281,6 +343,8 @@ class Statements:
     lock: str
     claim: str
     complete: str
+    claim_batch: str
+    complete_batch: str
     record_phase: str
     release: str
     renew: str
@@ -313,6 +377,12 @@ def render_statements(schema: str, table: str) -> Statements:
         "fresh": sql.SQL(_FRESH),
         "takeover": sql.SQL(_TAKEOVER),
         "win": sql.SQL(f"({_FRESH} OR {_TAKEOVER})"),
+        "win_of_input": sql.SQL(f"({_FRESH} OR {_TAKEOVER.replace('%(fp)s', 'i.fp')})"),
+        "win_of_excluded": sql.SQL(
+            f"({_FRESH} OR {_TAKEOVER.replace('%(fp)s', 'excluded.fingerprint')})"
+        ),
+        "won_columns": sql.SQL(", ".join(f"won.{c.strip()}" for c in _COLUMNS.split(","))),
+        "standing_columns": sql.SQL(", ".join(f"s.{c.strip()}" for c in _COLUMNS.split(","))),
     }
 
     def render(template: str) -> str:
@@ -333,6 +403,8 @@ def render_statements(schema: str, table: str) -> Statements:
         lock=render(_MIGRATE_LOCK),
         claim=render(_CLAIM),
         complete=render(_COMPLETE),
+        claim_batch=render(_CLAIM_BATCH),
+        complete_batch=render(_COMPLETE_BATCH),
         record_phase=render(_RECORD_PHASE),
         release=render(_RELEASE),
         renew=render(_RENEW),

@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -33,7 +34,7 @@ from .._postgres_sql import (
 )
 from .._rules import ABANDONED_RETENTION, new_token
 from .._stats import key_hash
-from ._io import Lock, promptly
+from ._io import Batcher, Lock, promptly
 
 __all__ = ["AsyncPostgresStore"]
 
@@ -65,6 +66,31 @@ class _Pool(AsyncConnectionPool[Any]):
         await super()._add_connection(
             attempt or _PromptAttempt(timeout=self.reconnect_timeout), growing=growing
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """One store write, queued for the next round trip: its kind, its key, and the parameters
+    of its single statement (a claim's proposed token is ``params["token"]``)."""
+
+    kind: str  # "claim", "complete", "release", "renew" or "phase"
+    key: str
+    params: dict[str, Any]
+
+
+def _segments(ops: Sequence[_Op]) -> list[list[int]]:
+    """The indexes of ``ops`` cut into runs, in queue order, in which no key comes twice: a new
+    run starts where a key of the current one comes again. Within a run the operations touch
+    different rows, so they commute and may go out as one statement per kind."""
+    runs: list[list[int]] = []
+    keys: set[str] = set()
+    for i, op in enumerate(ops):
+        if not runs or op.key in keys:
+            runs.append([])
+            keys = set()
+        runs[-1].append(i)
+        keys.add(op.key)
+    return runs
 
 
 class AsyncPostgresStore:
@@ -152,6 +178,10 @@ class AsyncPostgresStore:
         self._pool: AsyncConnectionPool | None = None
         self._ready = False
         self._lock = Lock()
+        # Writes queued while a round trip is out go out together next, in one transaction.
+        self._batcher: Batcher[_Op, object] = Batcher(
+            self._send_ops, max_size=64, lanes=min(4, max_size)
+        )
 
     @classmethod
     def from_url(cls, url: str, /, **options: Any) -> AsyncPostgresStore:
@@ -298,12 +328,76 @@ class AsyncPostgresStore:
             "data": data,
         }
 
-    # The store operations: one statement each (purge: one per batch).
+    # The store writes. Each is one statement when it goes out alone; writes queued while a
+    # round trip is out go out together in the next (see _send_batch).
+
+    async def _submit(self, op: _Op) -> Any:
+        if not self._ready:
+            await self._connect()
+        return await self._batcher.submit(op)
+
+    async def _connect(self) -> None:
+        try:
+            await self._open()
+        except Exception as exc:  # see _unavailable: any failure of the driver or the pool
+            raise self._unavailable(exc) from exc
 
     async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
-        token = new_token()
-        params = claim_params(key, fingerprint, token, lease=lease, offset=self.time_offset)
-        for _ in range(CLAIM_TRIES):
+        params = claim_params(key, fingerprint, new_token(), lease=lease, offset=self.time_offset)
+        result: Claimed | Existing = await self._submit(_Op("claim", key, params))
+        return result
+
+    async def complete(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        _, params = self.complete_statement(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
+        return bool(await self._submit(_Op("complete", claim.key, params)))
+
+    async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
+        """Append recovery point (name, data JSON) while ``claim`` owns the key."""
+        _, params = self.phase_statement(claim, name, data)
+        return bool(await self._submit(_Op("phase", claim.key, params)))
+
+    async def release(self, claim: Claimed) -> bool:
+        params = {"key": claim.key, "token": claim.token, "offset": float(self.time_offset)}
+        return bool(await self._submit(_Op("release", claim.key, params)))
+
+    async def renew(self, claim: Claimed, *, lease: float) -> bool:
+        params = {
+            "key": claim.key,
+            "token": claim.token,
+            "lease": float(lease),
+            "retention": ABANDONED_RETENTION,
+            "offset": float(self.time_offset),
+        }
+        return bool(await self._submit(_Op("renew", claim.key, params)))
+
+    async def _send_ops(self, ops: Sequence[_Op]) -> list[object]:
+        """The answers to queued writes, in order: one alone is its own statement, as it always
+        was; more go out as one batch."""
+        if len(ops) == 1:
+            try:
+                return [await self._alone(ops[0])]
+            except StoreUnavailable as exc:
+                return [exc]
+        try:
+            return await self._send_batch(ops)
+        except Exception as exc:  # see _unavailable: any failure of the driver or the pool
+            raise self._unavailable(exc) from exc
+
+    async def _alone(self, op: _Op) -> object:
+        s, params = self.statements, op.params
+        if op.kind == "claim":
+            return await self._claim_alone(params)
+        if op.kind == "release":
+            row = await self._fetchone(s.release, params)
+            return row is not None and row[0] == 1
+        query = {"complete": s.complete, "renew": s.renew, "phase": s.record_phase}[op.kind]
+        return await self._rowcount(query, params) == 1
+
+    async def _claim_alone(self, params: dict[str, Any], tries: int = CLAIM_TRIES) -> object:
+        token = params["token"]
+        for _ in range(tries):
             try:
                 row = await self._fetchone(self.statements.claim, params)
             except StoreUnavailable as exc:
@@ -325,33 +419,106 @@ class AsyncPostgresStore:
             f"{CLAIM_TRIES} statements, as concurrent claims of its key kept committing"
         )
 
-    async def complete(
-        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
-    ) -> bool:
-        query, params = self.complete_statement(
-            claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl
-        )
-        return await self._rowcount(query, params) == 1
+    async def _send_batch(self, ops: Sequence[_Op]) -> list[object]:
+        """Queued writes in one transaction, sent in one round trip (psycopg's pipeline mode):
+        BEGIN, then for each run of distinct keys (_segments, in queue order) one statement for
+        its claims, one for its completes and one each for the rest, then COMMIT.
 
-    async def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
-        """Append recovery point (name, data JSON) while ``claim`` owns the key."""
-        query, params = self.phase_statement(claim, name, data)
-        return await self._rowcount(query, params) == 1
+        Each row is decided by the same rule and fencing token as alone, and a later run sees
+        what an earlier one wrote, so conflicting writes for one key answer as they would one
+        after another in queue order. When anything fails (a statement, the commit, the
+        connection), the transaction is rolled back, or its outcome unknown, and the caller fails
+        every member with StoreUnavailable: none is reported done. A claim whose row was
+        decided by a claim committed after the statement's snapshot (no row) runs again alone.
+        """
+        s = self.statements
+        offset = float(self.time_offset)
+        pool = self._pool if self._ready and self._pool is not None else await self._open()
+        conn = await pool.getconn()
+        try:
+            reads: list[tuple[str, list[int], psycopg.AsyncCursor[Any]]] = []
+            try:
+                async with conn.pipeline():
+                    await conn.execute("BEGIN")
+                    for run in _segments(ops):
+                        claims = [i for i in run if ops[i].kind == "claim"]
+                        completes = [i for i in run if ops[i].kind == "complete"]
+                        if claims:
+                            p = [ops[i].params for i in claims]
+                            cur = await conn.execute(
+                                s.claim_batch,
+                                {
+                                    "keys": [q["key"] for q in p],
+                                    "fps": [q["fp"] for q in p],
+                                    "tokens": [q["token"] for q in p],
+                                    "leases": [q["lease"] for q in p],
+                                    "retention": ABANDONED_RETENTION,
+                                    "offset": offset,
+                                },
+                                binary=True,
+                            )
+                            reads.append(("claim", claims, cur))
+                        if completes:
+                            p = [ops[i].params for i in completes]
+                            cur = await conn.execute(
+                                s.complete_batch,
+                                {
+                                    "keys": [q["key"] for q in p],
+                                    "tokens": [q["token"] for q in p],
+                                    "responses": [q["response"] for q in p],
+                                    "ttls": [q["ttl"] for q in p],
+                                    "tombstone_ttls": [q["tombstone_ttl"] for q in p],
+                                    "offset": offset,
+                                },
+                                binary=True,
+                            )
+                            reads.append(("complete", completes, cur))
+                        for i in run:
+                            kind = ops[i].kind
+                            if kind in ("claim", "complete"):
+                                continue
+                            query = {"release": s.release, "renew": s.renew}.get(
+                                kind, s.record_phase
+                            )
+                            cur = await conn.execute(query, ops[i].params, binary=True)
+                            reads.append((kind, [i], cur))
+                    await conn.execute("COMMIT")
+            except BaseException:
+                await self._roll_back(conn)
+                raise
+            results: list[object] = [None] * len(ops)
+            for kind, members, cur in reads:
+                if kind == "claim":
+                    for row in await cur.fetchall():
+                        i = members[int(row[11]) - 1]
+                        results[i] = claim_result(row[:11], ops[i].params["token"])
+                elif kind == "complete":
+                    done = {int(n) for (n,) in await cur.fetchall()}
+                    for n, i in enumerate(members, 1):
+                        results[i] = n in done
+                elif kind == "release":
+                    count = await cur.fetchone()
+                    results[members[0]] = count is not None and count[0] == 1
+                else:
+                    results[members[0]] = cur.rowcount == 1
+        finally:
+            await pool.putconn(conn)
+        for i, result in enumerate(results):
+            if result is None:  # a claim beaten after its snapshot: once more, alone
+                try:
+                    results[i] = await self._claim_alone(ops[i].params, CLAIM_TRIES - 1)
+                except StoreUnavailable as exc:
+                    results[i] = exc
+        return results
 
-    async def release(self, claim: Claimed) -> bool:
-        params = {"key": claim.key, "token": claim.token, "offset": float(self.time_offset)}
-        row = await self._fetchone(self.statements.release, params)
-        return row is not None and row[0] == 1
-
-    async def renew(self, claim: Claimed, *, lease: float) -> bool:
-        params = {
-            "key": claim.key,
-            "token": claim.token,
-            "lease": float(lease),
-            "retention": ABANDONED_RETENTION,
-            "offset": float(self.time_offset),
-        }
-        return await self._rowcount(self.statements.renew, params) == 1
+    async def _roll_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Leave ``conn`` out of the failed batch's transaction, or closed (the pool drops it)."""
+        try:
+            idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            if not conn.closed and not idle:
+                await conn.execute("ROLLBACK")
+        except Exception:
+            await conn.close()
 
     async def get(self, key: str) -> Record | None:
         row = await self._fetchone(self.statements.get, {"key": key})

@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -35,7 +36,7 @@ from .._postgres_sql import (
 )
 from .._rules import ABANDONED_RETENTION, new_token
 from .._stats import key_hash
-from ._io import Lock, promptly
+from ._io import Batcher, Lock, promptly
 
 __all__ = ["PostgresStore"]
 
@@ -65,6 +66,31 @@ class _Pool(ConnectionPool[Any]):
         super()._add_connection(
             attempt or _PromptAttempt(timeout=self.reconnect_timeout), growing=growing
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """One store write, queued for the next round trip: its kind, its key, and the parameters
+    of its single statement (a claim's proposed token is ``params["token"]``)."""
+
+    kind: str  # "claim", "complete", "release", "renew" or "phase"
+    key: str
+    params: dict[str, Any]
+
+
+def _segments(ops: Sequence[_Op]) -> list[list[int]]:
+    """The indexes of ``ops`` cut into runs, in queue order, in which no key comes twice: a new
+    run starts where a key of the current one comes again. Within a run the operations touch
+    different rows, so they commute and may go out as one statement per kind."""
+    runs: list[list[int]] = []
+    keys: set[str] = set()
+    for i, op in enumerate(ops):
+        if not runs or op.key in keys:
+            runs.append([])
+            keys = set()
+        runs[-1].append(i)
+        keys.add(op.key)
+    return runs
 
 
 class PostgresStore:
@@ -152,6 +178,10 @@ class PostgresStore:
         self._pool: ConnectionPool | None = None
         self._ready = False
         self._lock = Lock()
+        # Writes queued while a round trip is out go out together next, in one transaction.
+        self._batcher: Batcher[_Op, object] = Batcher(
+            self._send_ops, max_size=64, lanes=min(4, max_size)
+        )
 
     @classmethod
     def from_url(cls, url: str, /, **options: Any) -> PostgresStore:
@@ -298,12 +328,76 @@ class PostgresStore:
             "data": data,
         }
 
-    # The store operations: one statement each (purge: one per batch).
+    # The store writes. Each is one statement when it goes out alone; writes queued while a
+    # round trip is out go out together in the next (see _send_batch).
+
+    def _submit(self, op: _Op) -> Any:
+        if not self._ready:
+            self._connect()
+        return self._batcher.submit(op)
+
+    def _connect(self) -> None:
+        try:
+            self._open()
+        except Exception as exc:  # see _unavailable: any failure of the driver or the pool
+            raise self._unavailable(exc) from exc
 
     def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
-        token = new_token()
-        params = claim_params(key, fingerprint, token, lease=lease, offset=self.time_offset)
-        for _ in range(CLAIM_TRIES):
+        params = claim_params(key, fingerprint, new_token(), lease=lease, offset=self.time_offset)
+        result: Claimed | Existing = self._submit(_Op("claim", key, params))
+        return result
+
+    def complete(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        _, params = self.complete_statement(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
+        return bool(self._submit(_Op("complete", claim.key, params)))
+
+    def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
+        """Append recovery point (name, data JSON) while ``claim`` owns the key."""
+        _, params = self.phase_statement(claim, name, data)
+        return bool(self._submit(_Op("phase", claim.key, params)))
+
+    def release(self, claim: Claimed) -> bool:
+        params = {"key": claim.key, "token": claim.token, "offset": float(self.time_offset)}
+        return bool(self._submit(_Op("release", claim.key, params)))
+
+    def renew(self, claim: Claimed, *, lease: float) -> bool:
+        params = {
+            "key": claim.key,
+            "token": claim.token,
+            "lease": float(lease),
+            "retention": ABANDONED_RETENTION,
+            "offset": float(self.time_offset),
+        }
+        return bool(self._submit(_Op("renew", claim.key, params)))
+
+    def _send_ops(self, ops: Sequence[_Op]) -> list[object]:
+        """The answers to queued writes, in order: one alone is its own statement, as it always
+        was; more go out as one batch."""
+        if len(ops) == 1:
+            try:
+                return [self._alone(ops[0])]
+            except StoreUnavailable as exc:
+                return [exc]
+        try:
+            return self._send_batch(ops)
+        except Exception as exc:  # see _unavailable: any failure of the driver or the pool
+            raise self._unavailable(exc) from exc
+
+    def _alone(self, op: _Op) -> object:
+        s, params = self.statements, op.params
+        if op.kind == "claim":
+            return self._claim_alone(params)
+        if op.kind == "release":
+            row = self._fetchone(s.release, params)
+            return row is not None and row[0] == 1
+        query = {"complete": s.complete, "renew": s.renew, "phase": s.record_phase}[op.kind]
+        return self._rowcount(query, params) == 1
+
+    def _claim_alone(self, params: dict[str, Any], tries: int = CLAIM_TRIES) -> object:
+        token = params["token"]
+        for _ in range(tries):
             try:
                 row = self._fetchone(self.statements.claim, params)
             except StoreUnavailable as exc:
@@ -325,33 +419,106 @@ class PostgresStore:
             f"{CLAIM_TRIES} statements, as concurrent claims of its key kept committing"
         )
 
-    def complete(
-        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
-    ) -> bool:
-        query, params = self.complete_statement(
-            claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl
-        )
-        return self._rowcount(query, params) == 1
+    def _send_batch(self, ops: Sequence[_Op]) -> list[object]:
+        """Queued writes in one transaction, sent in one round trip (psycopg's pipeline mode):
+        BEGIN, then for each run of distinct keys (_segments, in queue order) one statement for
+        its claims, one for its completes and one each for the rest, then COMMIT.
 
-    def record_phase(self, claim: Claimed, name: str, data: str) -> bool:
-        """Append recovery point (name, data JSON) while ``claim`` owns the key."""
-        query, params = self.phase_statement(claim, name, data)
-        return self._rowcount(query, params) == 1
+        Each row is decided by the same rule and fencing token as alone, and a later run sees
+        what an earlier one wrote, so conflicting writes for one key answer as they would one
+        after another in queue order. When anything fails (a statement, the commit, the
+        connection), the transaction is rolled back, or its outcome unknown, and the caller fails
+        every member with StoreUnavailable: none is reported done. A claim whose row was
+        decided by a claim committed after the statement's snapshot (no row) runs again alone.
+        """
+        s = self.statements
+        offset = float(self.time_offset)
+        pool = self._pool if self._ready and self._pool is not None else self._open()
+        conn = pool.getconn()
+        try:
+            reads: list[tuple[str, list[int], psycopg.Cursor[Any]]] = []
+            try:
+                with conn.pipeline():
+                    conn.execute("BEGIN")
+                    for run in _segments(ops):
+                        claims = [i for i in run if ops[i].kind == "claim"]
+                        completes = [i for i in run if ops[i].kind == "complete"]
+                        if claims:
+                            p = [ops[i].params for i in claims]
+                            cur = conn.execute(
+                                s.claim_batch,
+                                {
+                                    "keys": [q["key"] for q in p],
+                                    "fps": [q["fp"] for q in p],
+                                    "tokens": [q["token"] for q in p],
+                                    "leases": [q["lease"] for q in p],
+                                    "retention": ABANDONED_RETENTION,
+                                    "offset": offset,
+                                },
+                                binary=True,
+                            )
+                            reads.append(("claim", claims, cur))
+                        if completes:
+                            p = [ops[i].params for i in completes]
+                            cur = conn.execute(
+                                s.complete_batch,
+                                {
+                                    "keys": [q["key"] for q in p],
+                                    "tokens": [q["token"] for q in p],
+                                    "responses": [q["response"] for q in p],
+                                    "ttls": [q["ttl"] for q in p],
+                                    "tombstone_ttls": [q["tombstone_ttl"] for q in p],
+                                    "offset": offset,
+                                },
+                                binary=True,
+                            )
+                            reads.append(("complete", completes, cur))
+                        for i in run:
+                            kind = ops[i].kind
+                            if kind in ("claim", "complete"):
+                                continue
+                            query = {"release": s.release, "renew": s.renew}.get(
+                                kind, s.record_phase
+                            )
+                            cur = conn.execute(query, ops[i].params, binary=True)
+                            reads.append((kind, [i], cur))
+                    conn.execute("COMMIT")
+            except BaseException:
+                self._roll_back(conn)
+                raise
+            results: list[object] = [None] * len(ops)
+            for kind, members, cur in reads:
+                if kind == "claim":
+                    for row in cur.fetchall():
+                        i = members[int(row[11]) - 1]
+                        results[i] = claim_result(row[:11], ops[i].params["token"])
+                elif kind == "complete":
+                    done = {int(n) for (n,) in cur.fetchall()}
+                    for n, i in enumerate(members, 1):
+                        results[i] = n in done
+                elif kind == "release":
+                    count = cur.fetchone()
+                    results[members[0]] = count is not None and count[0] == 1
+                else:
+                    results[members[0]] = cur.rowcount == 1
+        finally:
+            pool.putconn(conn)
+        for i, result in enumerate(results):
+            if result is None:  # a claim beaten after its snapshot: once more, alone
+                try:
+                    results[i] = self._claim_alone(ops[i].params, CLAIM_TRIES - 1)
+                except StoreUnavailable as exc:
+                    results[i] = exc
+        return results
 
-    def release(self, claim: Claimed) -> bool:
-        params = {"key": claim.key, "token": claim.token, "offset": float(self.time_offset)}
-        row = self._fetchone(self.statements.release, params)
-        return row is not None and row[0] == 1
-
-    def renew(self, claim: Claimed, *, lease: float) -> bool:
-        params = {
-            "key": claim.key,
-            "token": claim.token,
-            "lease": float(lease),
-            "retention": ABANDONED_RETENTION,
-            "offset": float(self.time_offset),
-        }
-        return self._rowcount(self.statements.renew, params) == 1
+    def _roll_back(self, conn: psycopg.Connection[Any]) -> None:
+        """Leave ``conn`` out of the failed batch's transaction, or closed (the pool drops it)."""
+        try:
+            idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            if not conn.closed and not idle:
+                conn.execute("ROLLBACK")
+        except Exception:
+            conn.close()
 
     def get(self, key: str) -> Record | None:
         row = self._fetchone(self.statements.get, {"key": key})
