@@ -63,12 +63,15 @@ class Traced:
                 result = await operation()
             finally:
                 conn.pgconn.untrace()
-            with open(path) as file:
-                lines = [line for line in file.read().splitlines() if line.startswith("F\t")]
-            return result, lines
+            return result, read_sent(path)
         finally:
             os.close(fd)
             os.unlink(path)
+
+
+def read_sent(path: str) -> list[str]:
+    with open(path) as file:
+        return [line for line in file.read().splitlines() if line.startswith("F\t")]
 
 
 def count(lines: list[str], pattern: str) -> int:
@@ -116,12 +119,12 @@ async def test_concurrent_claims_share_one_round_trip_and_one_commit(traced: Tra
     for key, result in zip(keys, won, strict=True):
         record = await store.get(key)
         assert record is not None
-        assert record.token == result.token  # type: ignore[union-attr]
+        assert record.token == result.token
 
     async def completes() -> list[bool]:
         return list(
             await asyncio.gather(
-                *(store.complete(c, RESPONSE, ttl=60, tombstone_ttl=60) for c in won)  # type: ignore[arg-type]
+                *(store.complete(c, RESPONSE, ttl=60, tombstone_ttl=60) for c in won)
             )
         )
 
@@ -198,7 +201,7 @@ async def test_conflicting_operations_in_one_batch_answer_as_in_queue_order(
                 return store.renew(first, lease=30)
             return store.record_phase(first, "charged", "{}")
 
-        async def run() -> list[object]:
+        async def run(together: bool = together) -> list[object]:
             if together:
                 return list(await asyncio.gather(*(step(name) for name in names)))
             return [await step(name) for name in names]
@@ -237,20 +240,19 @@ async def proxied() -> AsyncIterator[tuple[AsyncPostgresStore, StoreProxy]]:
         yield store, proxy
 
 
-@pytest.mark.parametrize("forward", [False, True], ids=["before the server", "after the commit"])
-async def test_a_cut_round_trip_fails_exactly_its_members_all_or_nothing(
-    proxied: tuple[AsyncPostgresStore, StoreProxy], forward: bool
+async def test_a_round_trip_cut_before_the_server_fails_exactly_its_members_applying_none(
+    proxied: tuple[AsyncPostgresStore, StoreProxy],
 ) -> None:
     """Twelve claims and a complete at once, in batches of five: the second round trip (claims
-    5 to 8 and the complete) is cut. Its five members fail; the others are claimed. Cut before
-    the server saw it, none of the five is applied; cut after the server committed, all five
-    are, and still none is reported done."""
+    5 to 8 and the complete) is cut at the write that carries key 7, which the server never
+    sees, nor anything after it (its COMMIT and Sync). Its five members fail and none is
+    applied; the others are claimed."""
     store, proxy = proxied
     owned = await store.claim(new_key(), FP, lease=30)
     assert isinstance(owned, Claimed)
     store._batcher.max_size = 5
     keys = [new_key() for _ in range(12)]
-    trap = proxy.trap(keys[7].encode(), forward=forward)
+    trap = proxy.trap(keys[7].encode(), forward=False)
     calls: list[Awaitable[object]] = [store.claim(key, FP, lease=30) for key in keys[:9]]
     calls.append(store.complete(owned, RESPONSE, ttl=60, tombstone_ttl=60))
     calls += [store.claim(key, FP, lease=30) for key in keys[9:]]
@@ -260,14 +262,51 @@ async def test_a_cut_round_trip_fails_exactly_its_members_all_or_nothing(
     assert kinds == ["ok"] * 5 + ["StoreUnavailable"] * 5 + ["ok"] * 3, kinds
     record = await store.get(owned.key)
     assert record is not None
-    assert record.state.value == ("completed" if forward else "in_flight")
+    assert record.state.value == "in_flight"
     for key, result in zip(keys, results[:9] + results[10:], strict=True):
         record = await store.get(key)
         if isinstance(result, StoreUnavailable):
-            assert (record is not None) is forward  # all of the batch, or none of it
+            assert record is None  # nothing half-applied
         else:
             assert isinstance(result, Claimed)
             assert record is not None
             assert record.token == result.token
-    # The store goes on, and the owner can still complete (again) with its token.
+    # The store goes on, and the owner completes with its token.
+    assert await store.complete(owned, RESPONSE, ttl=60, tombstone_ttl=60)
+
+
+# The Sync message that ends a round trip (type S, length 4); the trap fires on the first write
+# that carries one once it is armed.
+SYNC = b"S\x00\x00\x00\x04"
+
+
+async def test_a_reply_lost_after_the_commit_reports_no_member_done(
+    proxied: tuple[AsyncPostgresStore, StoreProxy],
+) -> None:
+    """Five claims and a complete in one batch: the server gets all of it and commits, and the
+    connection is cut before its answer arrives. Every member fails (the outcome is unknown to
+    them), and the batch is applied whole."""
+    store, proxy = proxied
+    owned = await store.claim(new_key(), FP, lease=30)
+    assert isinstance(owned, Claimed)
+    keys = [new_key() for _ in range(5)]
+    trap = proxy.trap(SYNC, forward=True)
+    results = await asyncio.gather(
+        *(store.claim(key, FP, lease=30) for key in keys),
+        store.complete(owned, RESPONSE, ttl=60, tombstone_ttl=60),
+        return_exceptions=True,
+    )
+    assert trap.sprung.is_set()
+    assert trap.answered
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    record = await store.get(owned.key)
+    assert record is not None
+    assert record.state.value == "completed"
+    for key in keys:
+        record = await store.get(key)
+        assert record is not None
+        assert (record.state.value, record.attempt) == ("in_flight", 1)
+    # A claim's retry with a new token finds the record in flight; the owner's repeated
+    # complete learns that its response is the one stored.
+    assert isinstance(await store.claim(keys[0], FP, lease=30), Existing)
     assert await store.complete(owned, RESPONSE, ttl=60, tombstone_ttl=60)
