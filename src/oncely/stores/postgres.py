@@ -22,6 +22,18 @@
   recovery points were recorded, expires its lease and keeps them: two data-modifying CTEs with
   exclusive conditions, in one statement. Recovery points are a ``jsonb`` array of
   ``[name, json_text]`` pairs; the response is a ``bytea`` in the shared codec's format.
+- Natural batching (the async store): writes that arrive while a round trip is out queue up
+  (up to 64, on up to 4 connections at once) and go out together when it returns, in one
+  transaction sent in one round trip with psycopg's pipeline mode: ``BEGIN``, then for each run
+  of distinct keys in queue order one ``INSERT … SELECT FROM unnest(…) ON CONFLICT`` for its
+  claims and one ``UPDATE … FROM unnest(…)`` for its completes, each row decided by the same
+  rule and fencing token as alone, one statement each for the rest, then ``COMMIT``. A key that
+  comes again starts a new run (``ON CONFLICT`` cannot touch a row twice in one statement), so
+  conflicting writes for one key answer as one after another in queue order. A batch whose
+  round trip fails fails every member with :class:`oncely.StoreUnavailable` and is not resent;
+  a write that goes out alone is its one statement, as before (a claim on a dead pooled
+  connection is still tried once more). The sync store, and the statements a handler runs in
+  its own transaction, are not batched.
 - ``purge`` deletes records past ``forget_at`` in batches of at most 500 rows, each its own
   short statement taking only rows no one else holds (``FOR UPDATE SKIP LOCKED``), then strips
   the bodies of completed records past ``expires_at`` the same way (the tombstone keeps the
@@ -38,7 +50,8 @@ planned once per connection, then only bound and executed (``prepare_threshold``
 is psycopg's: how many times a statement runs on a connection before it is prepared).
 
 Fit for PgBouncer in transaction mode. The store keeps no session state: connections are in
-autocommit, every operation is a single statement (its own transaction), ``migrate`` takes a
+autocommit, every operation is a single statement (its own transaction) or a batch of them in
+one ``BEGIN … COMMIT`` sent at once, ``migrate`` takes a
 transaction-scoped lock only, and nothing is ``SET`` on a session. Prepared statements need
 PgBouncer 1.21 or later with ``max_prepared_statements`` above 0, which tracks protocol-level
 prepared statements across server connections. With an older PgBouncer, or with
