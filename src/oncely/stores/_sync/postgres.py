@@ -40,6 +40,9 @@ from ._io import Batcher, Lock, promptly
 
 __all__ = ["PostgresStore"]
 
+# Times a batch is sent when the server rolls it back for a deadlock with another transaction.
+BATCH_TRIES = 3
+
 ConfigureCallback = Callable[["psycopg.Connection[Any]"], None]
 
 
@@ -381,6 +384,13 @@ class PostgresStore:
             except StoreUnavailable as exc:
                 return [exc]
         try:
+            for _ in range(BATCH_TRIES - 1):
+                try:
+                    return self._send_batch(ops)
+                except psycopg.errors.DeadlockDetected:
+                    # Two batches (of two processes) waited for each other's rows; the server
+                    # rolled this one back whole, so nothing of it was applied: send it again.
+                    continue
             return self._send_batch(ops)
         except Exception as exc:  # see _unavailable: any failure of the driver or the pool
             raise self._unavailable(exc) from exc
