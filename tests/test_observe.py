@@ -353,3 +353,46 @@ async def test_spans_for_claim_complete_and_replay_under_the_request_span() -> N
         ["oncely.claim"],
         ["oncely.claim"],
     ]
+
+
+@pytest.mark.parametrize("wrapped", ["wsgi_app", "app"])
+def test_wsgi_under_flask_labels_decisions_with_the_flask_rule(wrapped: str) -> None:
+    """Flask routes after the middleware: the label is the werkzeug rule the app will route
+    to (never the raw path with its id), whether the middleware wraps ``app.wsgi_app`` in place
+    or the Flask app itself; a path Flask does not route falls back to oncely's own pattern."""
+    import flask
+
+    flask_app = flask.Flask("labels")
+
+    @flask_app.post("/orders/<int:order_id>/pay")
+    def pay(order_id: int) -> flask.Response:
+        return flask.Response(b'{"ok":true}', 201, content_type="application/json")
+
+    events: list[Decision] = []
+    options: dict[str, Any] = {
+        "store": MemoryStore(),
+        "tenant": tenant_from_header("X-Api-Key"),
+        "on_decision": events.append,
+    }
+    served: Any
+    if wrapped == "wsgi_app":
+        flask_app.wsgi_app = wsgi.IdempotencyMiddleware(  # type: ignore[method-assign]
+            flask_app.wsgi_app, **options
+        )
+        served = flask_app
+    else:
+        served = wsgi.IdempotencyMiddleware(flask_app, **options)
+    h = {"idempotency-key": KEY, "x-api-key": TENANT}
+    with httpx.Client(transport=httpx.WSGITransport(served), base_url="http://t") as client:
+        assert client.post("/orders/41/pay", headers=h, json={"a": 1}).status_code == 201
+        assert client.post("/orders/41/pay", headers=h, json={"a": 1}).status_code == 201
+        other = {**h, "idempotency-key": KEY + "-2"}
+        assert client.post("/orders/42/pay", headers=other, json={"a": 1}).status_code == 201
+        lost = {**h, "idempotency-key": KEY + "-3"}
+        assert client.post("/nowhere/7", headers=lost, json={"a": 1}).status_code == 404
+    assert [(e.outcome, e.route) for e in events] == [
+        ("executed", "/orders/<int:order_id>/pay"),
+        ("replayed", "/orders/<int:order_id>/pay"),
+        ("executed", "/orders/<int:order_id>/pay"),
+        ("executed", "unmatched"),
+    ]
