@@ -22,6 +22,7 @@ from starlette.routing import Route as StarletteRoute
 from oncely import (
     Claimed,
     Existing,
+    LeaseLost,
     Route,
     StoreUnavailable,
     asgi,
@@ -353,3 +354,149 @@ async def test_spans_for_claim_complete_and_replay_under_the_request_span() -> N
         ["oncely.claim"],
         ["oncely.claim"],
     ]
+
+
+@pytest.mark.parametrize("wrapped", ["wsgi_app", "app"])
+def test_wsgi_under_flask_labels_decisions_with_the_flask_rule(wrapped: str) -> None:
+    """Flask routes after the middleware: the label is the werkzeug rule the app will route
+    to (never the raw path with its id), whether the middleware wraps ``app.wsgi_app`` in place
+    or the Flask app itself; a path Flask does not route falls back to oncely's own pattern."""
+    import flask
+
+    flask_app = flask.Flask("labels")
+
+    @flask_app.post("/orders/<int:order_id>/pay")
+    def pay(order_id: int) -> flask.Response:
+        return flask.Response(b'{"ok":true}', 201, content_type="application/json")
+
+    events: list[Decision] = []
+    options: dict[str, Any] = {
+        "store": MemoryStore(),
+        "tenant": tenant_from_header("X-Api-Key"),
+        "on_decision": events.append,
+    }
+    served: Any
+    if wrapped == "wsgi_app":
+        flask_app.wsgi_app = wsgi.IdempotencyMiddleware(  # type: ignore[method-assign]
+            flask_app.wsgi_app, **options
+        )
+        served = flask_app
+    else:
+        served = wsgi.IdempotencyMiddleware(flask_app, **options)
+    h = {"idempotency-key": KEY, "x-api-key": TENANT}
+    with httpx.Client(transport=httpx.WSGITransport(served), base_url="http://t") as client:
+        assert client.post("/orders/41/pay", headers=h, json={"a": 1}).status_code == 201
+        assert client.post("/orders/41/pay", headers=h, json={"a": 1}).status_code == 201
+        other = {**h, "idempotency-key": KEY + "-2"}
+        assert client.post("/orders/42/pay", headers=other, json={"a": 1}).status_code == 201
+        lost = {**h, "idempotency-key": KEY + "-3"}
+        assert client.post("/nowhere/7", headers=lost, json={"a": 1}).status_code == 404
+    assert [(e.outcome, e.route) for e in events] == [
+        ("executed", "/orders/<int:order_id>/pay"),
+        ("replayed", "/orders/<int:order_id>/pay"),
+        ("executed", "/orders/<int:order_id>/pay"),
+        ("executed", "unmatched"),
+    ]
+
+
+# The other outcomes, in order: no key, a bad key, no tenant, a body over the limit, the
+# handler's error (the key freed), an answer too large to keep and its repeat, and a handler
+# whose key is taken over while it runs (a pause past its lease), then the one that took it.
+REFUSALS = [
+    ("missing_key", 400),
+    ("malformed_key", 400),
+    ("missing_tenant", 400),
+    ("too_large", 413),
+    ("released_error", 500),
+    ("executed", 201),
+    ("not_replayable", 410),
+    ("executed", 201),
+    ("lease_lost", 201),
+]
+#: What the clients saw: the same, but the stale holder's response was aborted.
+SEEN = sorted([status for _, status in REFUSALS[:-1]] + [0])
+
+
+async def test_asgi_reports_refusals_errors_large_answers_and_a_lost_lease(
+    captured: io.StringIO,
+) -> None:
+    now = [1_000_000.0]
+    store = AsyncMemoryStore(clock=lambda: now[0])
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def pay(request: StarletteRequest) -> JSONResponse:
+        body = await request.json()
+        if body.get("fail"):
+            return JSONResponse({"error": "card declined"}, status_code=500)
+        if body.get("pause"):
+            paused.set()
+            await resume.wait()  # meanwhile the store's clock passes the lease: taken over
+        return JSONResponse({"ok": True, "pad": "x" * body.get("pad", 0)}, status_code=201)
+
+    events: list[Decision] = []
+    registry = CollectorRegistry()
+    app = asgi.IdempotencyMiddleware(
+        Starlette(routes=[StarletteRoute("/payments/{id}", pay, methods=["POST"])]),
+        store=store,
+        tenant=tenant_from_header("X-Api-Key"),
+        on_decision=[events.append, Metrics(registry=registry)],
+        max_request_body=1000,
+        max_response_body=2000,
+        lease=5.0,
+    )
+    h = {"x-api-key": TENANT, "authorization": AUTH}
+    statuses: list[int] = []
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+
+        async def post(path: str, headers: dict[str, str], body: dict[str, Any]) -> None:
+            try:
+                statuses.append((await client.post(path, headers=headers, json=body)).status_code)
+            except LeaseLost:  # the stale holder's answer is aborted, never sent as if kept
+                statuses.append(0)
+
+        await post("/payments/1", h, {"amount": 5})
+        await post("/payments/1", {**h, "idempotency-key": "bad key\t!"}, {"amount": 5})
+        await post("/payments/1", {"idempotency-key": KEY, "authorization": AUTH}, {"a": 1})
+        await post("/payments/1", {**h, "idempotency-key": KEY}, {"pad": "y" * 2000})
+        await post("/payments/1", {**h, "idempotency-key": KEY + "-f"}, {"fail": 1})
+        big = {**h, "idempotency-key": KEY + "-big"}
+        await post("/payments/2", big, {"pad": 5000})
+        await post("/payments/2", big, {"pad": 5000})
+        late = {**h, "idempotency-key": KEY + "-late"}
+        first = asyncio.create_task(post("/payments/3", late, {"pause": 1}))
+        await paused.wait()
+        now[0] += 60.0  # the first holder is paused past its lease
+        paused.clear()
+        second = asyncio.create_task(post("/payments/3", late, {"pause": 1}))
+        await paused.wait()
+        resume.set()
+        await first
+        await second
+    outcomes = [(e.outcome, e.status) for e in events]
+    # The two holders of the late key end in either order: compare as a multiset there.
+    assert outcomes[:7] == REFUSALS[:7]
+    assert sorted(outcomes[7:]) == sorted(REFUSALS[7:])
+    assert sorted(statuses) == SEEN
+    assert {e.route for e in events} == {"/payments/{id}"}
+    assert {e.surface for e in events} == {"asgi"}
+    by = {e.outcome: e for e in events}
+    assert by["not_replayable"].response_size is None
+    assert by["lease_lost"].attempt == 1  # the first holder; the one that took over is 2
+    assert max(e.attempt or 0 for e in events if e.outcome == "executed") == 2
+    assert by["released_error"].key_hash is not None
+    assert by["missing_key"].key_hash is None
+    for outcome in {name for name, _ in REFUSALS}:
+        value = registry.get_sample_value(
+            "oncely_decisions_total",
+            {"outcome": outcome, "route": "/payments/{id}", "surface": "asgi"},
+        )
+        assert value == sum(1 for name, _ in REFUSALS if name == outcome), outcome
+    lines = decision_lines(captured)
+    assert [line["outcome"] for line in lines] == [e.outcome for e in events]
+    levels = {line["outcome"]: line["level"] for line in lines}
+    assert levels["lease_lost"] == "warning"
+    assert levels["missing_key"] == "info"
+    text = captured.getvalue()
+    for secret in (KEY, TENANT, AUTH, "token-very-secret", "card declined", "yyyy"):
+        assert secret not in text, secret

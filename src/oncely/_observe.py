@@ -104,12 +104,49 @@ def _framework_template(raw: Mapping[str, Any], app: object) -> str | None:
     path = getattr(route, "path", None)
     if isinstance(path, str):
         return path
+    if "wsgi.version" in raw:
+        return _werkzeug_template(raw, app)
     routes = _routes_of(raw.get("app")) if "app" in raw else None
     if routes is None and app is not None:
         routes = _routes_of(app)
     if routes is None:
         return None
     return _match(routes, dict(raw), "")
+
+
+def _url_map_of(app: object) -> Any:
+    """The werkzeug URL map of a Flask-like app (or of its bound ``wsgi_app``), through up to a
+    few middleware that wrap it."""
+    for _ in range(8):
+        url_map = getattr(app, "url_map", None)
+        if url_map is not None:
+            return url_map
+        owner = getattr(app, "__self__", None)  # app.wsgi_app, wrapped in place
+        if owner is not None and getattr(owner, "url_map", None) is not None:
+            return owner.url_map
+        app = getattr(app, "app", None) or getattr(app, "wsgi_app", None)
+        if app is None:
+            return None
+    return None
+
+
+def _werkzeug_template(environ: Mapping[str, Any], app: object) -> str | None:
+    """The rule (``/orders/<int:order_id>``) Flask (werkzeug) routes this request to: the
+    request's own ``url_rule`` when the app already made one, else the app's URL map asked the
+    way the app will ask it. Duck-typed: nothing is imported."""
+    request = environ.get("werkzeug.request")
+    rule = getattr(getattr(request, "url_rule", None), "rule", None)
+    if isinstance(rule, str):
+        return rule
+    url_map = _url_map_of(app)
+    if url_map is None:
+        return None
+    try:
+        found, _ = url_map.bind_to_environ(environ).match(return_rule=True)
+    except Exception:  # NotFound, MethodNotAllowed, a redirect: the app answers, not a route
+        return None
+    rule = getattr(found, "rule", None)
+    return rule if isinstance(rule, str) else None
 
 
 def _match(routes: Iterable[Any], scope: dict[str, Any], prefix: str) -> str | None:
@@ -134,9 +171,9 @@ def _match(routes: Iterable[Any], scope: dict[str, Any], prefix: str) -> str | N
 
 def route_template(raw: Mapping[str, Any], configured: str | None, app: object = None) -> str:
     """A request's route label: the framework's template (Starlette, FastAPI: from the scope,
-    or from the routes of ``app``, the app the middleware wraps), else the pattern of the
-    ``Route`` that matched, else :data:`UNMATCHED`. Never the raw path (ids would make the
-    label set unbounded)."""
+    or from the routes of ``app``, the app the middleware wraps; Flask: the werkzeug rule),
+    else the pattern of the ``Route`` that matched, else :data:`UNMATCHED`. Never the raw path
+    (ids would make the label set unbounded)."""
     try:
         found = _framework_template(raw, app)
     except Exception:

@@ -95,7 +95,7 @@ class IdempotencyMiddleware:
         keys = [environ[self._key_variable]] if self._key_variable in environ else []
         query: str = environ.get("QUERY_STRING", "")
         request = Request(method, path, query, _headers_of(environ), environ)
-        watch = self.observer.start(method, environ, resolved.route)
+        watch = self.observer.start(method, environ, resolved.route, self.app)
         try:
             admitted = admit(self.options, resolved, request, keys, watch)
             if admitted is None:
