@@ -11,6 +11,8 @@ uvicorn builds it with ``--factory app:build``; the environment says what wraps 
     BENCH_SCRATCH  a directory for SQLite files
     BENCH_PREFIX   the table, schema or key prefix this server's records live under
     BENCH_PG_URL, BENCH_REDIS_URL
+    BENCH_OBSERVE  off | metrics | metrics+logs: oncely's Prometheus hook, and one JSON log
+                   line per decision to a file in BENCH_SCRATCH (default off)
     BENCH_HANDLER_US  extra CPU the handler burns per payment, in microseconds (default 0), to
                    see how the ratios move with a heavier handler
 
@@ -168,8 +170,34 @@ def _oncely(app: Starlette, store: str, openers: list[Closer], closers: list[Clo
         backend = open_async_store(_env("BENCH_REDIS_URL"), **_options("redis", prefix))
     closers.append(backend.aclose)
     app.add_middleware(
-        IdempotencyMiddleware, store=backend, tenant=tenant_from_header(TENANT_HEADER)
+        IdempotencyMiddleware,
+        store=backend,
+        tenant=tenant_from_header(TENANT_HEADER),
+        on_decision=_observers(backend),
     )
+
+
+def _observers(store: object) -> list[Any]:
+    """BENCH_OBSERVE: what watches every decision (see the module's docstring)."""
+    mode = os.environ.get("BENCH_OBSERVE", "off")
+    if mode == "off":
+        return []
+    if mode not in ("metrics", "metrics+logs"):
+        raise SystemExit(f"unknown BENCH_OBSERVE {mode!r}: off, metrics or metrics+logs")
+    import logging
+
+    from prometheus_client import CollectorRegistry
+
+    from oncely.logs import JSONFormatter
+    from oncely.metrics import Metrics
+
+    if mode == "metrics+logs":
+        handler = logging.FileHandler(os.path.join(_env("BENCH_SCRATCH"), "decisions.log"))
+        handler.setFormatter(JSONFormatter())
+        logger = logging.getLogger("oncely")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    return [Metrics(registry=CollectorRegistry(), store=store)]
 
 
 def _options(store: str, prefix: str) -> dict[str, str]:

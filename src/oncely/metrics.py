@@ -113,6 +113,7 @@ class Metrics:
         )
         self._counters: dict[tuple[str, str, str], Counter] = {}
         self._timers: dict[tuple[str, str], Histogram] = {}
+        self._sizes: dict[str, Histogram] = {}
         self.in_flight: InFlightCollector | None = None
         if store is not None and callable(getattr(store, "stats", None)):
             self.in_flight = InFlightCollector(store)
@@ -142,4 +143,7 @@ class Metrics:
                 self._timers[(decision.store, op.name)] = timer
             timer.observe(op.seconds)
         if decision.outcome == "executed" and decision.response_size is not None:
-            self.sizes.labels(decision.surface).observe(decision.response_size)
+            sizes = self._sizes.get(decision.surface)
+            if sizes is None:
+                sizes = self._sizes[decision.surface] = self.sizes.labels(decision.surface)
+            sizes.observe(decision.response_size)
