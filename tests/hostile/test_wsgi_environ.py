@@ -20,9 +20,9 @@ from oncely.wsgi import IdempotencyMiddleware
 from .test_asgi_hostile import DOCUMENTED
 
 latin1 = st.binary(max_size=60).map(lambda b: b.decode("latin-1"))
-# PEP 3333 requires wsgi.input; a server that leaves it out is broken, not the client (today
-# that is a KeyError in oncely.wsgi._read_body, a 500).
-INPUTS = st.one_of(st.binary(max_size=120).map(io.BytesIO), st.just(io.BytesIO()))
+# PEP 3333 requires wsgi.input; an environ without one (a test harness, a hand-made call) reads
+# as an empty body: no body to fingerprint, or a 400 when CONTENT_LENGTH declares one.
+INPUTS = st.one_of(st.binary(max_size=120).map(io.BytesIO), st.just(io.BytesIO()), st.none())
 
 
 @settings(max_examples=200, deadline=None)
@@ -104,3 +104,56 @@ def test_any_environ(
         assert DOCUMENTED[problem["type"]] == problem["status"] == code
     if method in ("POST", "PATCH"):
         assert all(count <= 1 for count in runs.values()), runs
+
+
+def _call_without_input(
+    content_length: str | None,
+) -> tuple[int, dict[str, str], bytes, list[bytes]]:
+    seen: list[bytes] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        seen.append(environ["wsgi.input"].read())
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"made"]
+
+    mw = IdempotencyMiddleware(app, tenant=tenant_from_header("X-Tenant"), store=MemoryStore())
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/things",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "h",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "HTTP_IDEMPOTENCY_KEY": "k-1",
+        "HTTP_X_TENANT": "t",
+    }
+    if content_length is not None:
+        environ["CONTENT_LENGTH"] = content_length
+    answers: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start_response(status: str, headers: Any, exc_info: object = None) -> Any:
+        answers.append((status, list(headers)))
+        return lambda _: None
+
+    body = b"".join(mw(environ, start_response))
+    status, headers = answers[0]
+    return int(status.split()[0]), {k.lower(): v for k, v in headers}, body, seen
+
+
+def test_an_environ_without_wsgi_input_is_an_empty_body() -> None:
+    """No wsgi.input and no CONTENT_LENGTH (or 0): the app runs once, on an empty body."""
+    for length in (None, "", "0"):
+        code, _, body, seen = _call_without_input(length)
+        assert (code, body, seen) == (201, b"made", [b""])
+
+
+def test_an_environ_without_wsgi_input_but_a_declared_body_is_a_400() -> None:
+    """CONTENT_LENGTH says 5 bytes, and there is nothing to read them from: 400, nothing runs."""
+    code, headers, body, seen = _call_without_input("5")
+    assert code == 400
+    assert headers["content-type"] == "application/problem+json"
+    problem = json.loads(body)
+    assert problem["type"].endswith("/incomplete-request-body")
+    assert (problem["received_bytes"], problem["declared_bytes"]) == (0, 5)
+    assert seen == []

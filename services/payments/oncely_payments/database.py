@@ -15,6 +15,14 @@ runs it inside ONE database transaction on the connection oncely's phases write 
   on SQLite's file lock; two reader threads), in ``BEGIN IMMEDIATE`` for writes.
 - :class:`PostgresDatabase`: psycopg's async pool, ``attempt.arecord``/``acomplete``.
 
+Either may hold a ledger APART from the store (``shares_store_transaction=False``: a Redis store,
+or a store in another database). No store write can then join the transaction, so the driver
+keeps a unit of work's ``RecordPhase`` until after COMMIT and then records it with
+``await attempt.checkpoint(name, data)``, in the store's own round trip; and it leaves
+``CompleteAttempt`` to the middleware, which stores the response the handler returns. A crash
+between COMMIT and the checkpoint (or the stored response) runs the phase again, so the units of
+work are written to be idempotent by themselves (ledger.py, "A ledger apart from the store").
+
 SQL is written once with ``%(name)s`` parameters (psycopg's style); SQLite gets ``:name``.
 If a unit of work raises (a 404, a 412, ``LeaseLost``), the transaction rolls back. A database
 that cannot be reached, or stays locked, is a 503 problem (``ledger-unavailable``): oncely
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import sqlite3
 import threading
@@ -34,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from oncely import Attempt
+from oncely import Attempt, StoreUnavailable
 
 from .problems import ApiProblem
 
@@ -56,6 +65,7 @@ __all__ = [
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
+log = logging.getLogger("oncely_payments")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +137,8 @@ def _sqlite_sql(sql: str) -> str:
 
 class Database(Protocol):
     dialect: str
+    # False: a ledger apart from the store (see the module docstring).
+    shares_store_transaction: bool
 
     async def write(self, work: Work[T], *, before_commit: Callable[[], None] | None = None) -> T:
         """Run ``work`` in a write transaction; ``before_commit`` runs just before COMMIT."""
@@ -146,8 +158,16 @@ class SQLiteDatabase:
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path, *, schema: Iterable[str] = (), busy_timeout: float = 30.0):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        schema: Iterable[str] = (),
+        busy_timeout: float = 30.0,
+        shares_store_transaction: bool = True,
+    ):
         self.path = path
+        self.shares_store_transaction = shares_store_transaction
         self._timeout = busy_timeout
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -184,14 +204,20 @@ class SQLiteDatabase:
                 self._connections.append(conn)
         return conn
 
-    def _run(self, work: Work[T], begin: str, before_commit: Callable[[], None] | None) -> T:
+    def _run(
+        self,
+        work: Work[T],
+        begin: str,
+        before_commit: Callable[[], None] | None,
+        later: list[RecordPhase] | None,
+    ) -> T:
         try:
             conn = self._conn()
             conn.execute(begin)
         except sqlite3.OperationalError as exc:
             raise unavailable(exc) from exc
         try:
-            result = _drive(conn, work)
+            result = _drive(conn, work, later)
             if before_commit is not None:
                 before_commit()
             conn.execute("COMMIT")
@@ -205,13 +231,18 @@ class SQLiteDatabase:
 
     async def write(self, work: Work[T], *, before_commit: Callable[[], None] | None = None) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._writer, self._run, work, "BEGIN IMMEDIATE", before_commit
+        later: list[RecordPhase] | None = None if self.shares_store_transaction else []
+        result = await loop.run_in_executor(
+            self._writer, self._run, work, "BEGIN IMMEDIATE", before_commit, later
         )
+        if later:
+            await _checkpoint(later)
+        return result
 
     async def read(self, work: Work[T]) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._readers, self._run, work, "BEGIN", None)
+        later: list[RecordPhase] | None = None if self.shares_store_transaction else []
+        return await loop.run_in_executor(self._readers, self._run, work, "BEGIN", None, later)
 
     async def ready(self) -> bool:
         def probe() -> bool:
@@ -236,7 +267,9 @@ class SQLiteDatabase:
         self._close_all()
 
 
-def _drive(conn: sqlite3.Connection, work: Work[T]) -> T:
+def _drive(conn: sqlite3.Connection, work: Work[T], later: list[RecordPhase] | None) -> T:
+    """Run ``work`` on ``conn``; with ``later`` (a ledger apart from the store) its recovery
+    points are kept there for after COMMIT and its response is left to the middleware."""
     value: Any = None
     while True:
         try:
@@ -244,16 +277,34 @@ def _drive(conn: sqlite3.Connection, work: Work[T]) -> T:
         except StopIteration as done:
             result: T = done.value
             return result
+        value = None
         if isinstance(op, Query):
             value = conn.execute(_sqlite_sql(op.sql), op.params).fetchall()
         elif isinstance(op, Execute):
             value = conn.execute(_sqlite_sql(op.sql), op.params).rowcount
+        elif later is not None:
+            if isinstance(op, RecordPhase):
+                later.append(op)
         elif isinstance(op, RecordPhase):
             op.attempt.record(conn, op.name, op.data)
-            value = None
         else:
             op.attempt.complete(conn, op.status, op.headers, op.body)
-            value = None
+
+
+async def _checkpoint(later: list[RecordPhase]) -> None:
+    """The recovery points of a unit of work that has committed, in the store's own writes.
+
+    ``LeaseLost`` propagates: the attempt was taken over and stops. A store that stays down
+    (``checkpoint`` retries while the lease holds) costs only the point, never the phase: the
+    phase is idempotent, and the next attempt that lacks the point runs it again to no effect.
+    """
+    for op in later:
+        try:
+            await op.attempt.checkpoint(op.name, op.data)
+        except StoreUnavailable as exc:
+            log.warning(
+                "recovery point %r not recorded (%s); a retry redoes its phase", op.name, exc
+            )
 
 
 class PostgresDatabase:
@@ -271,6 +322,7 @@ class PostgresDatabase:
         schema: Iterable[str] = (),
         options: str | None = None,
         max_size: int = 10,
+        shares_store_transaction: bool = True,
     ) -> None:
         import psycopg
         from psycopg_pool import AsyncConnectionPool
@@ -282,6 +334,7 @@ class PostgresDatabase:
             url, min_size=1, max_size=max_size, open=False, kwargs=kwargs, timeout=5.0
         )
         self._down = psycopg.OperationalError
+        self.shares_store_transaction = shares_store_transaction
         self._schema = tuple(schema)
         self._pool_opened = False
         self._created = False
@@ -304,23 +357,28 @@ class PostgresDatabase:
             for statement in self._schema:
                 await conn.execute(statement)
 
+    def _later(self) -> list[RecordPhase] | None:
+        return None if self.shares_store_transaction else []
+
     async def write(self, work: Work[T], *, before_commit: Callable[[], None] | None = None) -> T:
+        later = self._later()
         try:
             await self._open()
-            async with self._pool.connection() as conn:
-                async with conn.transaction():
-                    result = await _adrive(conn, work)
-                    if before_commit is not None:
-                        before_commit()
-                return result
+            async with self._pool.connection() as conn, conn.transaction():
+                result = await _adrive(conn, work, later)
+                if before_commit is not None:
+                    before_commit()
         except self._down as exc:
             raise unavailable(exc) from exc
+        if later:
+            await _checkpoint(later)
+        return result
 
     async def read(self, work: Work[T]) -> T:
         try:
             await self._open()
             async with self._pool.connection() as conn, conn.transaction():
-                return await _adrive(conn, work)
+                return await _adrive(conn, work, self._later())
         except self._down as exc:
             raise unavailable(exc) from exc
 
@@ -337,7 +395,8 @@ class PostgresDatabase:
         await self._pool.close()
 
 
-async def _adrive(conn: Any, work: Work[T]) -> T:
+async def _adrive(conn: Any, work: Work[T], later: list[RecordPhase] | None) -> T:
+    """:func:`_drive` on a psycopg async connection."""
     value: Any = None
     while True:
         try:
@@ -345,15 +404,17 @@ async def _adrive(conn: Any, work: Work[T]) -> T:
         except StopIteration as done:
             result: T = done.value
             return result
+        value = None
         if isinstance(op, Query):
             cur = await conn.execute(op.sql, op.params)
             value = await cur.fetchall()
         elif isinstance(op, Execute):
             cur = await conn.execute(op.sql, op.params)
             value = cur.rowcount
+        elif later is not None:
+            if isinstance(op, RecordPhase):
+                later.append(op)
         elif isinstance(op, RecordPhase):
             await op.attempt.arecord(conn, op.name, op.data)
-            value = None
         else:
             await op.attempt.acomplete(conn, op.status, op.headers, op.body)
-            value = None

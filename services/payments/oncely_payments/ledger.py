@@ -24,6 +24,25 @@ order's row locked, that the order is open and has no payment under way, and tak
 currency and customer from it; phase 2 also marks the order paid when the charge succeeded.
 While a payment of an order is pending, the order cannot change (409), so the total charged is
 the total of the order that phase 2 marks paid.
+
+A ledger apart from the store (``--database``; a Redis store, say) shares no transaction with
+oncely's records: the recovery point is recorded after phase 1 commits, and the response after
+the handler returns (database.py). A crash or a pause past the lease between the two runs the
+phase again, in the next attempt or beside it, so every write here is idempotent by itself:
+
+- the payment's and the order's ids are derived from the request's key (the handler passes
+  ``attempt.downstream_key``-based ids), and their INSERTs are ``ON CONFLICT (id) DO NOTHING``
+  followed by a read of the row: a phase run again finds the row the first run wrote, and goes
+  on with its values;
+- paying an order whose payment under that id exists already (pending, or settled and the order
+  paid) goes on with that payment instead of refusing it as another payment under way;
+- phase 2 accepts a payment already settled with the same status and charge (the card network
+  answers a downstream key with the same charge), and an order already paid by it.
+
+So a stale lease holder that wakes up after a takeover writes nothing new: the same row, the
+same charge, the same settlement; only its stored response is fenced (the store refuses it) and
+its client is told to retry. With a shared transaction the ids stay random and fencing rolls a
+stale holder's transaction back.
 """
 
 from __future__ import annotations
@@ -146,12 +165,30 @@ def _payment(row: Row) -> Payment:
     return Payment(str(row[0]), int(row[1]), str(row[2]), str(row[3]), str(row[4]), order)
 
 
-def create_payment(attempt: Attempt, tenant: str, payment: Payment, now: int) -> Work[None]:
-    """Phase 1: the payment, pending, and the recovery point that names it (and what to charge)."""
+def _key_reused(payment_id: str) -> ApiProblem:
+    return ApiProblem(
+        422,
+        "idempotency-key-reused",
+        "This Idempotency-Key made another payment",
+        f"Payment {payment_id} was made under this Idempotency-Key with another amount, currency "
+        "or customer. Send a new key for a new payment.",
+    )
+
+
+def _phase_1_point(attempt: Attempt, payment: Payment) -> RecordPhase:
+    data = {"id": payment.id, "amount": payment.amount, "currency": payment.currency}
+    return RecordPhase(attempt, PAYMENT_CREATED, {**data, "customer": payment.customer})
+
+
+def create_payment(attempt: Attempt, tenant: str, payment: Payment, now: int) -> Work[Payment]:
+    """Phase 1: the payment, pending, and the recovery point that names it (and what to charge).
+
+    Idempotent: a payment under ``payment.id`` already there (this phase ran before) is kept
+    and returned as it is, if it is the same payment."""
     yield from execute(
         "INSERT INTO payments (id, tenant, customer, amount, currency, status, order_id, "
         "created, updated) VALUES (%(id)s, %(tenant)s, %(customer)s, %(amount)s, %(currency)s, "
-        "'pending', %(order)s, %(now)s, %(now)s)",
+        "'pending', %(order)s, %(now)s, %(now)s) ON CONFLICT (id) DO NOTHING",
         id=payment.id,
         tenant=tenant,
         customer=payment.customer,
@@ -160,8 +197,12 @@ def create_payment(attempt: Attempt, tenant: str, payment: Payment, now: int) ->
         order=payment.order,
         now=now,
     )
-    data = {"id": payment.id, "amount": payment.amount, "currency": payment.currency}
-    yield RecordPhase(attempt, PAYMENT_CREATED, {**data, "customer": payment.customer})
+    kept = yield from get_payment(tenant, payment.id)
+    same = ("amount", "currency", "customer", "order")
+    if kept is None or any(getattr(kept, f) != getattr(payment, f) for f in same):
+        raise _key_reused(payment.id)
+    yield _phase_1_point(attempt, kept)
+    return kept
 
 
 def settle_payment(
@@ -180,7 +221,13 @@ def settle_payment(
         id=payment.id,
     )
     if changed != 1:
-        raise RuntimeError(f"payment {payment.id} is no longer pending")
+        # Settled already (this phase ran before: a crash or a takeover after its commit) with
+        # the same outcome of the same charge, which is all a run again may find.
+        rows = yield from query(
+            "SELECT status, charge_id FROM payments WHERE id = %(id)s", id=payment.id
+        )
+        if not rows or tuple(rows[0]) != (payment.status, charge_id):
+            raise RuntimeError(f"payment {payment.id} is no longer pending")
     if payment.order is None or payment.status != "succeeded":
         return
     # The order cannot change while its payment is pending (see _refuse_if_paying).
@@ -192,13 +239,24 @@ def settle_payment(
         id=payment.order,
     )
     if paid != 1:
-        raise RuntimeError(f"order {payment.order} is no longer open")
+        rows = yield from query(
+            "SELECT payment FROM orders WHERE id = %(id)s AND status = 'paid'", id=payment.order
+        )
+        if not rows or rows[0][0] != payment.id:
+            raise RuntimeError(f"order {payment.order} is no longer open")
 
 
 def start_order_payment(
     attempt: Attempt, tenant: str, order_id: str, payment_id: str, now: int
-) -> Work[None]:
-    """Phase 1 of paying an order: check it can be paid, then create its payment, pending."""
+) -> Work[Payment]:
+    """Phase 1 of paying an order: check it can be paid, then create its payment, pending.
+
+    Idempotent: if the payment ``payment_id`` of this order exists (this phase ran before), it
+    goes on with it, whatever the order's state since (paid by it, or paying)."""
+    kept = yield from get_payment(tenant, payment_id)
+    if kept is not None and kept.order == order_id:
+        yield _phase_1_point(attempt, kept)
+        return kept
     # Lock the order's row first (PostgreSQL; SQLite writers are serial): a concurrent payment
     # of the same order under another key waits here, then sees this one's pending payment.
     yield from execute(
@@ -227,7 +285,7 @@ def start_order_payment(
         )
     yield from _refuse_if_paying(tenant, order_id)
     payment = Payment(payment_id, order.amount, order.currency, order.customer, "pending", order.id)
-    yield from create_payment(attempt, tenant, payment, now)
+    return (yield from create_payment(attempt, tenant, payment, now))
 
 
 def get_payment(tenant: str, payment_id: str) -> Work[Payment | None]:
@@ -311,13 +369,18 @@ def _items(order: Order) -> str:
     return json.dumps([item.to_json() for item in order.items], separators=(",", ":"))
 
 
-def create_order(tenant: str, order: Order, attempt: Attempt, answer: Answer) -> Work[None]:
-    """One phase: the order and the response that announces it."""
-    yield CompleteAttempt(attempt, answer.status, answer.headers, answer.body)
+def create_order(
+    tenant: str, order: Order, attempt: Attempt, render: Callable[[Order], Answer]
+) -> Work[Answer]:
+    """One phase: the order and the response that announces it, rendered from the row kept.
+
+    Idempotent: an order under ``order.id`` already there (this phase ran before) is kept and
+    announced as it is now."""
     yield from execute(
         "INSERT INTO orders (id, tenant, customer, currency, items, status, note, payment, "
         "version, created, updated) VALUES (%(id)s, %(tenant)s, %(customer)s, %(currency)s, "
-        "%(items)s, %(status)s, %(note)s, NULL, %(version)s, %(created)s, %(updated)s)",
+        "%(items)s, %(status)s, %(note)s, NULL, %(version)s, %(created)s, %(updated)s) "
+        "ON CONFLICT (id) DO NOTHING",
         id=order.id,
         tenant=tenant,
         customer=order.customer,
@@ -329,6 +392,10 @@ def create_order(tenant: str, order: Order, attempt: Attempt, answer: Answer) ->
         created=order.created,
         updated=order.updated,
     )
+    kept = _found((yield from get_order(tenant, order.id)), order.id)
+    answer = render(kept)
+    yield CompleteAttempt(attempt, answer.status, answer.headers, answer.body)
+    return answer
 
 
 def get_order(tenant: str, order_id: str) -> Work[Order | None]:

@@ -5,6 +5,8 @@
 | flag | environment variable | default |
 |---|---|---|
 | ``--store`` | ``ONCELY_PAYMENTS_STORE`` | ``sqlite:payments.db`` |
+| ``--database`` | ``ONCELY_PAYMENTS_DATABASE`` | none: the ledger shares the store's database |
+| ``--store-prefix`` | ``ONCELY_PAYMENTS_STORE_PREFIX`` | ``oncely-payments:`` (Redis only) |
 | ``--host`` | ``ONCELY_PAYMENTS_HOST`` | ``127.0.0.1`` |
 | ``--port`` | ``ONCELY_PAYMENTS_PORT`` | ``8000`` |
 | ``--card-latency-ms`` | ``ONCELY_PAYMENTS_CARD_LATENCY_MS`` | ``10`` |
@@ -17,10 +19,17 @@
 | ``--log-level`` | ``ONCELY_PAYMENTS_LOG_LEVEL`` | ``info`` |
 | ``--demo-status`` | ``ONCELY_PAYMENTS_DEMO_STATUS`` | none (the demo's JSON file: audit panel) |
 
-The store URL names the database of both oncely's records and the ledger (payments, orders): they
-must share it, so that a recovery point or a stored response commits in the same transaction as
-the business write. ``sqlite:PATH`` (the default) or ``postgresql://...``; with PostgreSQL,
-``schema`` names the schema that holds both the ledger's tables and oncely's.
+Without ``--database``, the store URL names the database of both oncely's records and the
+ledger (payments, orders): they share it, so that a recovery point or a stored response commits
+in the same transaction as the business write. ``sqlite:PATH`` (the default) or
+``postgresql://...``; with PostgreSQL, ``schema`` names the schema that holds both the ledger's
+tables and oncely's.
+
+With ``--database`` the ledger lives there (``sqlite:PATH`` or ``postgresql://...``; ``schema``
+then names the ledger's schema) and the store is any store URL, Redis included
+(``redis://127.0.0.1:6379/0``, its keys under ``store_prefix``). The two never share a
+transaction: the service then makes every ledger write idempotent by itself and records its
+recovery points after each commit (see ledger.py, "A ledger apart from the store").
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ CRASH_POINTS = ("before_first_commit", "during_charge", "after_charge_commit")
 
 _SQLITE = ("sqlite",)
 _POSTGRES = ("postgresql", "postgres")
+_REDIS = ("redis", "rediss", "redis+cluster", "rediss+cluster")
 
 
 def _scheme(url: str) -> str:
@@ -67,6 +77,8 @@ class Settings:
     """How one payments service process runs."""
 
     store: str = "sqlite:payments.db"
+    database_url: str | None = None
+    store_prefix: str = "oncely-payments:"
     host: str = "127.0.0.1"
     port: int = 8000
     card_latency_ms: float = 10.0
@@ -81,13 +93,32 @@ class Settings:
 
     def __post_init__(self) -> None:
         scheme = _scheme(self.store)
-        if scheme not in _SQLITE + _POSTGRES:
+        if self.database_url is None and scheme not in _SQLITE + _POSTGRES:
             raise ValueError(
-                f"store {self.store!r}: the ledger shares the store's database, so the store "
-                "must be SQL: sqlite:PATH or postgresql://..."
+                f"store {self.store!r}: without --database the ledger shares the store's "
+                "database, so the store must be SQL (sqlite:PATH or postgresql://...); give the "
+                "ledger a database of its own with --database sqlite:PATH or postgresql://..."
+            )
+        if scheme not in _SQLITE + _POSTGRES + _REDIS:
+            raise ValueError(
+                f"store {self.store!r}: sqlite:PATH, postgresql://... or redis://HOST:PORT/DB"
             )
         if scheme in _SQLITE:
             sqlite_path(self.store)
+        if self.database_url is not None:
+            if _scheme(self.database_url) not in _SQLITE + _POSTGRES:
+                raise ValueError(
+                    f"database {self.database_url!r}: the ledger needs SQL: sqlite:PATH or "
+                    "postgresql://..."
+                )
+            if _scheme(self.database_url) in _SQLITE:
+                sqlite_path(self.database_url)
+            if self.database_url == self.store:
+                raise ValueError(
+                    "--database names the store's own database: leave it out to share it"
+                )
+        if not self.store_prefix:
+            raise ValueError("the store prefix must not be empty")
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", self.schema):
             raise ValueError(f"schema {self.schema!r} must be a lower-case SQL identifier")
         if not 0 < self.port < 65536:
@@ -102,14 +133,33 @@ class Settings:
             raise ValueError(f"crash point must be one of {', '.join(CRASH_POINTS)}")
 
     @property
+    def ledger_url(self) -> str:
+        """The ledger's database: ``database_url``, or the store's own."""
+        return self.store if self.database_url is None else self.database_url
+
+    @property
+    def shares_transaction(self) -> bool:
+        """Whether oncely's records and the ledger commit in one transaction (no --database)."""
+        return self.database_url is None
+
+    @property
     def dialect(self) -> str:
-        """``sqlite`` or ``postgresql``."""
-        return "sqlite" if _scheme(self.store) in _SQLITE else "postgresql"
+        """The ledger's: ``sqlite`` or ``postgresql``."""
+        return "sqlite" if _scheme(self.ledger_url) in _SQLITE else "postgresql"
+
+    @property
+    def store_dialect(self) -> str:
+        """``sqlite``, ``postgresql`` or ``redis``."""
+        scheme = _scheme(self.store)
+        if scheme in _REDIS:
+            return "redis"
+        return "sqlite" if scheme in _SQLITE else "postgresql"
 
     @property
     def database(self) -> Path | None:
-        """The SQLite file of the store and the ledger; None for PostgreSQL."""
-        return sqlite_path(self.store) if self.dialect == "sqlite" else None
+        """The ledger's SQLite file (the store's too, without --database); None for
+        PostgreSQL."""
+        return sqlite_path(self.ledger_url) if self.dialect == "sqlite" else None
 
     @property
     def state_dir(self) -> Path:
@@ -149,19 +199,24 @@ class Settings:
         for field in fields(cls):
             given = getattr(args, field.name)
             if given is None:
-                raw = env.get(ENV_PREFIX + field.name.upper())
+                variable = ENV_PREFIX + _FLAGS.get(field.name, field.name).upper()
+                raw = env.get(variable)
                 if raw is None or raw == "":
                     continue
                 try:
                     given = _convert(field.name, raw)
                 except ValueError:
-                    p.error(f"{ENV_PREFIX}{field.name.upper()}={raw!r} is not valid")
+                    p.error(f"{variable}={raw!r} is not valid")
             values[field.name] = given
         try:
             return cls(**values)
         except ValueError as exc:
             p.error(str(exc))
 
+
+# Fields whose flag (and so environment variable) is named otherwise: --database names
+# ``database_url`` (``database`` is the ledger's SQLite file).
+_FLAGS = {"database_url": "database"}
 
 _TYPES: dict[str, type] = {
     "port": int,
@@ -185,9 +240,17 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--store",
-        help="store and ledger database: sqlite:PATH (default sqlite:payments.db) "
-        "or postgresql://USER@HOST:PORT/DB",
+        help="idempotency store, and the ledger's database unless --database: sqlite:PATH "
+        "(default sqlite:payments.db), postgresql://USER@HOST:PORT/DB, or, with --database, "
+        "redis://HOST:PORT/DB",
     )
+    p.add_argument(
+        "--database",
+        dest="database_url",
+        help="the ledger's own database, apart from the store: sqlite:PATH or "
+        "postgresql://... (default: the store's database, in one transaction with it)",
+    )
+    p.add_argument("--store-prefix", help="the Redis store's key prefix (default oncely-payments:)")
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8000)")
     p.add_argument(

@@ -1,8 +1,10 @@
 """Fixtures: the service in-process (httpx.ASGITransport), on a fresh database per test.
 
-Every test that takes ``settings`` runs twice: on a SQLite file (the default) and on PostgreSQL
-(127.0.0.1:5432, database ``test``, a schema of its own, dropped afterwards). Without a
-PostgreSQL server those runs skip, and fail under ``ONCELY_REQUIRE_SERVICES=1``.
+Every test that takes ``settings`` runs three times: on a SQLite file (the default), on
+PostgreSQL (127.0.0.1:5432, database ``test``, a schema of its own, dropped afterwards), and with
+the idempotency store on Redis (127.0.0.1:6379, a key prefix of its own, deleted afterwards) and
+the ledger apart from it in a SQLite file (``--database``). Without a PostgreSQL or Redis server
+those runs skip, and fail under ``ONCELY_REQUIRE_SERVICES=1``.
 ``ledger`` and ``network`` read the service's tables directly, so every test can check what was
 written (one payment, one charge), not only what was answered.
 """
@@ -18,7 +20,7 @@ import httpx
 import pytest
 
 from oncely_payments import Service, Settings, create_app
-from payments_testing import Ledger, Network
+from payments_testing import REDIS_URL, Ledger, Network, delete_prefix, redis_missing
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -35,6 +37,12 @@ def _postgres_missing() -> str | None:
     return None
 
 
+def _missing(reason: str) -> None:
+    if os.environ.get("ONCELY_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason} (ONCELY_REQUIRE_SERVICES=1: required services must be up)")
+    pytest.skip(reason)
+
+
 def _drop_schema(schema: str) -> None:
     import psycopg
 
@@ -42,7 +50,7 @@ def _drop_schema(schema: str) -> None:
         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "redis"])
 def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Settings]:
     network = str(tmp_path / "card-network.db")
     if request.param == "sqlite":
@@ -53,11 +61,26 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Setting
             lease=5,
         )
         return
+    if request.param == "redis":
+        missing = redis_missing()
+        if missing is not None:
+            _missing(missing)
+        prefix = f"payments-test-{secrets.token_hex(6)}:"
+        try:
+            yield Settings(
+                store=REDIS_URL,
+                store_prefix=prefix,
+                database_url=f"sqlite:{tmp_path / 'payments.db'}",
+                card_network_db=network,
+                card_latency_ms=0,
+                lease=5,
+            )
+        finally:
+            delete_prefix(prefix)
+        return
     missing = _postgres_missing()
     if missing is not None:
-        if os.environ.get("ONCELY_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{missing} (ONCELY_REQUIRE_SERVICES=1: required services must be up)")
-        pytest.skip(missing)
+        _missing(missing)
     schema = f"payments_test_{secrets.token_hex(6)}"
     try:
         yield Settings(

@@ -13,6 +13,7 @@ import httpx
 
 from oncely_payments import Settings
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
 API_KEY = "sk_test_alice"
 OTHER_API_KEY = "sk_test_bob"
 
@@ -58,6 +59,27 @@ def rows(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, 
             raise
 
 
+def redis_missing() -> str | None:
+    """Why the Redis tests cannot run (no server at 127.0.0.1:6379), or None."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3) as client:
+            client.ping()
+    except redis.RedisError as exc:
+        return f"Redis not reachable at 127.0.0.1:6379: {exc}"
+    return None
+
+
+def delete_prefix(prefix: str) -> int:
+    """Delete every Redis key under ``prefix``; how many there were."""
+    import redis
+
+    with redis.Redis.from_url(REDIS_URL) as client:
+        names = list(client.scan_iter(match=prefix + "*", count=1000))
+        return int(client.delete(*names)) if names else 0
+
+
 def pg_rows(url: str, schema: str, sql: str) -> list[tuple[Any, ...]]:
     """Rows from PostgreSQL, in ``schema``; none while a table does not exist yet."""
     import psycopg
@@ -79,7 +101,7 @@ class Ledger:
         database = self.settings.database
         if database is not None:
             return rows(database, sql)
-        return pg_rows(self.settings.store, self.settings.schema, sql)
+        return pg_rows(self.settings.ledger_url, self.settings.schema, sql)
 
     def payments(self) -> list[dict[str, Any]]:
         names = ("id", "tenant", "customer", "amount", "currency", "status", "charge_id")

@@ -49,10 +49,27 @@ def test_environment_variables_and_flags() -> None:
     assert flagged.card_latency_ms == 25.0
 
 
+def test_a_ledger_apart_from_the_store_may_use_redis() -> None:
+    settings = Settings.from_args(
+        ["--store", "redis://127.0.0.1:6379/0", "--store-prefix", "pay:"],
+        {"ONCELY_PAYMENTS_DATABASE": "sqlite:/var/lib/pay/ledger.db"},
+    )
+    assert (settings.store_dialect, settings.dialect) == ("redis", "sqlite")
+    assert settings.shares_transaction is False
+    assert settings.database == Path("/var/lib/pay/ledger.db")
+    assert settings.card_network_path == Path("/var/lib/pay/ledger-card-network.db")
+    assert settings.store_prefix == "pay:"
+    shared = Settings.from_args(["--store", "postgresql://127.0.0.1:5432/pay"], {})
+    assert (shared.shares_transaction, shared.ledger_url) == (True, shared.store)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["--store", "memory:"],
+        ["--store", "redis://127.0.0.1:6379/0", "--database", "redis://127.0.0.1:6379/1"],
+        ["--store", "sqlite:a.db", "--database", "sqlite:a.db"],
+        ["--store", "mongodb://x", "--database", "sqlite:a.db"],
         ["--store", "redis://127.0.0.1:6379/0"],
         ["--store", "sqlite:"],
         ["--port", "0"],
