@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +17,8 @@ import pytest
 
 from oncely import Claimed, StoredResponse, storage_key
 from oncely.stores import AsyncStore, open_async_store
+from oncely.stores._rules import claimed_at
+from oncely.stores.memory import AsyncMemoryStore
 from oncely.stores.sqlite import AsyncSQLiteStore
 
 from .stores.backend_postgres import URL as POSTGRES_URL
@@ -82,11 +86,18 @@ async def test_inspect_stats_and_purge_on_every_store(store_args: list[str]) -> 
     assert record["fingerprint_version"] == "v1"
     assert record["recovery_points"] == [{"name": "payment_created", "data": '{"id": "pay_1"}'}]
     assert 250 < record["lease_left"] <= 300
+    # The owner's age: since its claim in seed(), before this test's command started.
+    assert 0 < record["owner_age"] < 60
+    assert abs(record["claimed_at"] + record["owner_age"] - time.time()) < 60
+    held = oncely("inspect", *store_args, "--tenant", "acme", "--key", "k-2")
+    assert held.returncode == 0, held.stderr
+    assert re.search(r"owner      attempt 1, holding it for \d+\.\d s \(claimed 20", held.stdout)
     human = oncely("inspect", *store_args, "--scope", "acme", "--key", "k-1")
     assert human.returncode == 0, human.stderr
     assert "state      completed" in human.stdout
     assert "response   201, 2 bytes" in human.stdout
     assert "content-type: application/json" in human.stdout
+    assert "owner " not in human.stdout  # completed: nobody holds it
     unknown = oncely("inspect", *store_args, "--tenant", "other", "--key", "k-1")
     assert unknown.returncode == 1
     assert "no record for key 'k-1' of tenant 'other'" in unknown.stderr
@@ -164,3 +175,21 @@ def test_demo_is_found_through_the_entry_point() -> None:
     done = oncely("demo", "--help")
     assert done.returncode == 0, done.stderr
     assert "--intents" in done.stdout
+
+
+async def test_the_owner_age_starts_again_at_a_takeover() -> None:
+    store = AsyncMemoryStore()
+    key = storage_key("acme", "k-takeover")
+    first = await store.claim(key, "v1:" + "d" * 64, lease=0.01)
+    assert isinstance(first, Claimed)
+    await asyncio.sleep(0.05)
+    second = await store.claim(key, "v1:" + "d" * 64, lease=10)
+    assert isinstance(second, Claimed)
+    assert second.attempt == 2
+    first_at, second_at = claimed_at(first.token), claimed_at(second.token)
+    assert first_at is not None
+    assert second_at is not None
+    assert second_at - first_at >= 0.04
+    assert abs(time.time() - second_at) < 5
+    assert claimed_at("a" * 32) is None  # a token of an older version: no time, no age
+    assert claimed_at("zzzzzzzzzzzz." + "0" * 20) is None

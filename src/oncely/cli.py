@@ -30,6 +30,7 @@ from ._errors import ConfigurationError, OncelyError, StoreUnavailable
 from ._keys import storage_key
 from .events import Inspectable
 from .stores import Store, open_store
+from .stores._rules import claimed_at
 from .stores._stats import key_hash
 
 __all__ = ["main"]
@@ -78,6 +79,8 @@ def _inspect(store: Store, args: argparse.Namespace) -> str:
     now = time.time()
     version, _, _ = record.fingerprint.partition(":")
     response = record.response
+    # The current owner's claim (a takeover makes a new one); None for records of older versions.
+    claimed = claimed_at(record.token) if record.state.value == "in_flight" else None
     shown: dict[str, Any] = {
         "storage_key": record.key,
         "key_hash": key_hash(record.key),
@@ -87,6 +90,8 @@ def _inspect(store: Store, args: argparse.Namespace) -> str:
         "attempt": record.attempt,
         "lease_until": record.lease_until,
         "lease_left": record.lease_until - now,
+        "claimed_at": claimed,
+        "owner_age": None if claimed is None else now - claimed,
         "expires_at": record.expires_at,
         "forget_at": record.forget_at,
         "recovery_points": [{"name": name, "data": data} for name, data in record.phases],
@@ -110,6 +115,11 @@ def _inspect(store: Store, args: argparse.Namespace) -> str:
     if record.state.value == "in_flight":
         lease = "expired: the next retry takes it over" if record.lease_until <= now else "held"
         lines.append(f"lease      until {_when(record.lease_until, now)}, {lease}")
+        if claimed is not None:
+            lines.append(
+                f"owner      attempt {record.attempt}, holding it for {now - claimed:.1f} s "
+                f"(claimed {_when(claimed, now)})"
+            )
     else:
         lines.append(f"replayable until {_when(record.expires_at, now)}")
     lines.append(f"forgotten  at {_when(record.forget_at, now)}")

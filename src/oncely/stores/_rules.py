@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import secrets
+import time
 from typing import Final, Literal
 
 from .._codec import Claimed, Existing, Record, State, StoredResponse
@@ -40,6 +41,7 @@ __all__ = [
     "Change",
     "claim_rule",
     "claimable",
+    "claimed_at",
     "complete_rule",
     "new_token",
     "owned",
@@ -67,9 +69,25 @@ DELETE: Final = _Verb.DELETE
 Change = Record | Literal[_Verb.KEEP, _Verb.DELETE]
 
 
-def new_token() -> str:
-    """A fencing token: random, so no two claims of a key ever share one, even after a purge."""
-    return secrets.token_hex(16)
+def new_token(now: float | None = None) -> str:
+    """A fencing token: 80 random bits, so no two claims of a key ever share one, even after a
+    purge, after the claim's time (milliseconds, hex, on the claiming process's clock), so that
+    ``oncely inspect`` can say how long the current owner has held the key. Stores compare tokens
+    for equality only; tokens of older versions (32 hex digits) have no time and stay valid."""
+    at = int((time.time() if now is None else now) * 1000)
+    return f"{at:012x}.{secrets.token_hex(10)}"
+
+
+def claimed_at(token: str) -> float | None:
+    """When the claim that made ``token`` was taken (seconds, the claiming process's clock), or
+    None for a token that carries no time."""
+    stamp, dot, rest = token.partition(".")
+    if not dot or len(stamp) != 12 or len(rest) != 20:
+        return None
+    try:
+        return int(stamp, 16) / 1000
+    except ValueError:
+        return None
 
 
 def claimable(old: Record, fingerprint: str, now: float) -> bool:
