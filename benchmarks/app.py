@@ -1,20 +1,38 @@
-"""The benchmark app: one real-handler-shaped endpoint, bare or behind an idempotency layer.
+"""The benchmark app: a payments endpoint, bare or behind an idempotency layer.
 
-    POST /payments   parse a ~300-byte JSON payment, validate it, answer 201 JSON + Location
+    POST /payments   create a payment: answer 201 JSON + Location
     GET  /_bench     how many times the handler ran (so a run can prove replays did not run it)
+
+Two endpoints, chosen by ``BENCH_ENDPOINT``:
+
+    contract (default)  the contract endpoint of issue 11: FastAPI, the ~300-byte JSON payment
+                   validated by a pydantic model, one INSERT + COMMIT of a row in the app's own
+                   SQLite ledger (a file in BENCH_SCRATCH, WAL, synchronous=NORMAL), answered
+                   by a pydantic response model. The handler is a plain ``def``, so FastAPI runs
+                   it in its thread pool, as a user with the sqlite3 module would write it; one
+                   connection per process, shared by the pool's threads under a lock.
+    light          Starlette, the same payment parsed with ``json`` and checked by hand, nothing
+                   written: the light handler that issue 12's overhead goal is measured at.
 
 uvicorn builds it with ``--factory app:build``; the environment says what wraps it:
 
     BENCH_TARGET   bare | oncely | asgi-idempotency-header | fastapi-idempotency |
                    fastapi-idempotency-key | idemkit | fastidempotent
     BENCH_STORE    memory | sqlite | postgres | redis (what TARGETS lists for the target)
-    BENCH_SCRATCH  a directory for SQLite files
+    BENCH_ENDPOINT contract | light (default contract)
+    BENCH_SCRATCH  a directory for SQLite files (the stores' and the ledger)
     BENCH_PREFIX   the table, schema or key prefix this server's records live under
     BENCH_PG_URL, BENCH_REDIS_URL
+    BENCH_REDIS_LANES  benchmark-only: how many round trips oncely's Redis store keeps in
+                   flight at once (its natural batching; unset: the store's default)
     BENCH_OBSERVE  off | metrics | metrics+logs: oncely's Prometheus hook, and one JSON log
                    line per decision to a file in BENCH_SCRATCH (default off)
     BENCH_HANDLER_US  extra CPU the handler burns per payment, in microseconds (default 0), to
                    see how the ratios move with a heavier handler
+
+``GET /_bench`` answers ``handler_runs`` (this process) and, for the contract endpoint,
+``ledger_rows``: the rows in the ledger, which every worker of a multi-worker server writes to,
+so it counts the handler's runs across workers.
 
 Every layer is configured the way its README recommends, scoped by the ``X-Tenant-Id`` header
 where the layer has scopes, added with ``app.add_middleware`` so all of them sit at the same place
@@ -26,12 +44,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from fastapi import Header
+from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -110,16 +132,168 @@ async def stats(request: Request) -> Response:
     return JSONResponse({"handler_runs": _runs})
 
 
+# The contract endpoint: FastAPI, pydantic, one SQLite row per payment. ----------------------
+
+
+class Source(BaseModel):
+    method: Literal["card", "sepa_debit", "ach"]
+    last4: str | None = Field(default=None, pattern=r"^[0-9]{4}$")
+    exp_month: int | None = Field(default=None, ge=1, le=12)
+    exp_year: int | None = Field(default=None, ge=2000, le=2100)
+
+
+class PaymentIn(BaseModel):
+    amount: int = Field(gt=0, le=10**9, description="minor units")
+    currency: Literal["EUR", "USD", "GBP", "CHF", "JPY", "SEK"]
+    customer: str = Field(pattern=r"^cus_[A-Za-z0-9]+$")
+    description: str = Field(default="", max_length=500)
+    source: Source
+    metadata: dict[str, str] = Field(default_factory=dict, max_length=20)
+    capture: bool = True
+    statement_descriptor: str | None = Field(default=None, max_length=22)
+
+
+class Payment(PaymentIn):
+    id: str
+    object: Literal["payment"] = "payment"
+    status: Literal["succeeded", "pending"]
+    created: datetime
+
+
+class Ledger:
+    """The app's own SQLite file: one row per payment, nothing to do with any idempotency store.
+
+    One connection per process, opened at startup, WAL and synchronous=NORMAL. The endpoint is a
+    plain ``def``, so FastAPI runs it in its thread pool; the pool's threads share the connection
+    under a lock (``check_same_thread=False``, as FastAPI's docs set it). Workers of one server
+    share the file; SQLite's own lock (busy timeout 30 s) orders their writes.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.lock = threading.Lock()
+        self.conn = sqlite3.connect(path, timeout=30.0, check_same_thread=False)
+        with self.lock:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, customer TEXT NOT NULL,"
+                " amount INTEGER NOT NULL, currency TEXT NOT NULL, method TEXT NOT NULL,"
+                " description TEXT NOT NULL, created TEXT NOT NULL, idempotency_key TEXT)"
+            )
+            self.conn.commit()
+
+    def insert(self, payment: Payment, idempotency_key: str | None) -> None:
+        """One INSERT and one COMMIT."""
+        global _runs
+        with self.lock:
+            self.conn.execute(
+                "INSERT INTO payments (id, customer, amount, currency, method, description,"
+                " created, idempotency_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    payment.id,
+                    payment.customer,
+                    payment.amount,
+                    payment.currency,
+                    payment.source.method,
+                    payment.description,
+                    payment.created.isoformat(),
+                    idempotency_key,
+                ),
+            )
+            self.conn.commit()
+            _runs += 1
+
+    def rows(self) -> int:
+        with self.lock:
+            # Rows are only ever inserted, so the highest rowid is the count, without a scan.
+            row = self.conn.execute("SELECT max(rowid) FROM payments").fetchone()
+        return int(row[0] or 0)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+_ledger: Ledger | None = None
+
+
+def _the_ledger() -> Ledger:
+    if _ledger is None:
+        raise RuntimeError("the ledger is opened at startup")
+    return _ledger
+
+
+def create_payment_contract(
+    payment: PaymentIn,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Payment:
+    """POST /payments: validated by pydantic before it runs; writes the ledger row (with the
+    request's Idempotency-Key, so a run can count payments made twice for one key), answers."""
+    if _work_seconds:
+        until = time.perf_counter() + _work_seconds
+        while time.perf_counter() < until:
+            pass
+    created = Payment(
+        **payment.model_dump(),
+        id=f"pay_{uuid.uuid4().hex}",
+        status="succeeded",
+        created=datetime.now(UTC).replace(microsecond=0),
+    )
+    _the_ledger().insert(created, idempotency_key)
+    response.headers["Location"] = f"/payments/{created.id}"
+    return created
+
+
+def stats_contract() -> dict[str, int]:
+    return {"handler_runs": _runs, "ledger_rows": _the_ledger().rows()}
+
+
 Closer = Callable[[], Awaitable[None]]
+
+
+def _contract_app(lifespan: Any) -> Starlette:
+    from fastapi import FastAPI
+
+    api = FastAPI(lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    api.post("/payments", status_code=201, response_model=Payment)(create_payment_contract)
+    api.get("/_bench")(stats_contract)
+    return api
+
+
+def _light_app(lifespan: Any) -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/payments", create_payment, methods=["POST"]),
+            Route("/_bench", stats, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
 
 
 def build() -> Starlette:
     target = os.environ.get("BENCH_TARGET", "bare")
     store = os.environ.get("BENCH_STORE", "none")
+    endpoint = os.environ.get("BENCH_ENDPOINT", "contract")
     if store not in TARGETS.get(target, ()):
         raise SystemExit(f"unknown target {target!r} on store {store!r}")
+    if endpoint not in ("contract", "light"):
+        raise SystemExit(f"unknown BENCH_ENDPOINT {endpoint!r}: contract or light")
     closers: list[Closer] = []
     openers: list[Closer] = []
+
+    if endpoint == "contract":
+
+        async def open_ledger() -> None:
+            global _ledger
+            _ledger = Ledger(_sqlite_path("ledger"))
+
+        async def close_ledger() -> None:
+            if _ledger is not None:
+                _ledger.close()
+
+        openers.append(open_ledger)
+        closers.append(close_ledger)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -130,13 +304,7 @@ def build() -> Starlette:
             with contextlib.suppress(Exception):
                 await closer()
 
-    app = Starlette(
-        routes=[
-            Route("/payments", create_payment, methods=["POST"]),
-            Route("/_bench", stats, methods=["GET"]),
-        ],
-        lifespan=lifespan,
-    )
+    app = _contract_app(lifespan) if endpoint == "contract" else _light_app(lifespan)
     if target != "bare":
         _WIRING[target](app, store, openers, closers)
     return app
@@ -168,6 +336,14 @@ def _oncely(app: Starlette, store: str, openers: list[Closer], closers: list[Clo
         backend = open_async_store(_env("BENCH_PG_URL"), **_options("postgres", prefix))
     else:
         backend = open_async_store(_env("BENCH_REDIS_URL"), **_options("redis", prefix))
+        lanes = os.environ.get("BENCH_REDIS_LANES")
+        if lanes:
+            # Benchmark-only: the store has no option for it; its batcher's lane count is read
+            # on every submit, so setting it before the first request is enough.
+            batcher = getattr(backend, "_batcher", None)
+            if batcher is None or not hasattr(batcher, "lanes"):
+                raise SystemExit("BENCH_REDIS_LANES: this Redis store has no batcher with lanes")
+            batcher.lanes = int(lanes)
     closers.append(backend.aclose)
     app.add_middleware(
         IdempotencyMiddleware,

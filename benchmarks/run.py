@@ -51,7 +51,7 @@ LOAD_SCRIPT = HERE / "load.lua"
 
 REQUIREMENTS = [
     ["-e", f"{ROOT}[postgres,redis]"],
-    ["uvicorn", "starlette", "uvloop", "httptools", "py-spy", "fastapi"],
+    ["uvicorn", "starlette", "uvloop", "httptools", "py-spy", "fastapi", "pydantic"],
     ["fastapi-idempotency", "fastapi-idempotency-key[sqlite,redis]"],
     ["idemkit[asgi,redis,postgres]", "fastidempotent[sqlite,redis,postgres]"],
     ["sqlalchemy[asyncio]"],  # fastidempotent's SQL backends need greenlet, which it omits
@@ -71,16 +71,26 @@ MODES = {
     "new": "New keys: every request carries an Idempotency-Key never seen before",
     "replay": "Replays: every request repeats one of --replay-keys (16) completed requests",
 }
-# Goals from the engine issue (#2) and the PostgreSQL/Redis issue (#3), as ratios to bare.
+# The goals of issue 11 (speed), as ratios to bare at the contract endpoint; and, on every store
+# and in both modes, ahead of every peer in the same run.
 GOALS = {
-    ("new", "memory"): 0.95,
+    ("new", "memory"): 0.9,
     ("new", "sqlite"): 0.8,
     ("new", "redis"): 0.8,
     ("new", "postgres"): 0.7,
-    ("replay", "memory"): 2.0,
-    ("replay", "sqlite"): 2.0,
-    ("replay", "redis"): 1.5,
+    ("replay", "memory"): 3.0,
+    ("replay", "sqlite"): 2.5,
+    ("replay", "redis"): 2.0,
     ("replay", "postgres"): 1.5,
+}
+STORES = ("memory", "sqlite", "redis", "postgres")
+ENDPOINTS = {
+    "contract": "POST /payments on FastAPI: the 325-byte JSON payment validated by a pydantic "
+    "model, one INSERT + COMMIT in the app's own SQLite ledger (WAL, synchronous=NORMAL; a plain "
+    "`def` endpoint, run in FastAPI's thread pool, one connection per process under a lock), "
+    "answered 201 by a pydantic response model with a Location",
+    "light": "POST /payments on Starlette: the 325-byte JSON payment parsed and checked by hand, "
+    "nothing written, answered 201 JSON with a Location",
 }
 SERVER_CPU, LOAD_CPU = "0", "1"
 NOISY = 0.2  # cores of other work during a run that make it worth repeating
@@ -122,6 +132,10 @@ class Settings:
     calibrate_seconds: float
     replay_keys: int
     handler_us: float
+    endpoint: str
+    tries: int
+    workers: bool
+    redis_lanes: list[int]
     pin: bool
     http: str
     loop: str
@@ -154,6 +168,33 @@ def parse_args(argv: list[str]) -> Settings:
         default=0.0,
         metavar="US",
         help="extra CPU the endpoint burns per payment, to model a heavier handler",
+    )
+    parser.add_argument(
+        "--endpoint",
+        choices=sorted(ENDPOINTS),
+        default="contract",
+        help="contract (default): FastAPI + pydantic + one SQLite ledger row per payment; "
+        "light: Starlette, JSON checked by hand, nothing written",
+    )
+    parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="instead of the peers: oncely on SQLite and PostgreSQL with 2 uvicorn workers "
+        "against 1 (written to .scratch/workers.md unless --output)",
+    )
+    parser.add_argument(
+        "--redis-lanes",
+        metavar="N,N,...",
+        help="instead of the peers: oncely on Redis with each of these lane counts (round trips "
+        "in flight at once), new keys unless --mode (written to .scratch/lanes.md unless --output)",
+    )
+    parser.add_argument(
+        "--tries",
+        type=int,
+        default=3,
+        metavar="N",
+        help=f"runs during which other work took over {NOISY} cores are repeated, up to N "
+        "tries in all (default 3); the last try counts",
     )
     parser.add_argument("--mode", action="append", choices=sorted(MODES), dest="modes")
     parser.add_argument(
@@ -194,6 +235,10 @@ def parse_args(argv: list[str]) -> Settings:
     )
     args = parser.parse_args(argv)
     quick = args.quick
+    lanes = [int(n) for n in args.redis_lanes.split(",")] if args.redis_lanes else []
+    if args.workers and lanes:
+        parser.error("--workers and --redis-lanes are separate runs")
+    special = "workers" if args.workers else "lanes" if lanes else None
     try:
         import uvloop  # noqa: F401
 
@@ -209,22 +254,28 @@ def parse_args(argv: list[str]) -> Settings:
         calibrate_seconds=2.0 if quick else 5.0,
         replay_keys=args.replay_keys,
         handler_us=args.handler_us,
+        endpoint=args.endpoint,
+        tries=max(1, args.tries),
+        workers=args.workers,
+        redis_lanes=lanes,
         pin=not args.no_pin and shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1,
         http=args.http,
         loop=loop,
         pg_url=args.pg_url,
         redis_url=args.redis_url,
-        modes=args.modes or ["new", "replay"],
+        modes=args.modes or (["new"] if lanes else ["new", "replay"]),
         only=args.only,
-        peers=not args.no_peers,
-        profile=not args.no_profile,
+        peers=not args.no_peers and special is None,
+        profile=not args.no_profile and special is None,
         profile_store=args.profile_store,
         profile_only=args.profile_only,
-        stores=not args.no_store_latency,
+        stores=not args.no_store_latency and special is None,
         output=args.output
         or (
             SCRATCH / f"profile-{args.profile_store}.md"
             if args.profile_only
+            else SCRATCH / f"{special}.md"
+            if special
             else HERE / "results.md"
         ),
         quick=quick,
@@ -276,6 +327,45 @@ def selected(target: str, store: str, only: list[str]) -> bool:
     return False
 
 
+def make_targets(
+    settings: Settings, targets: dict[str, tuple[str, ...]], prefix: str, problems: dict[str, str]
+) -> list[Server]:
+    """The servers to load besides the bare app, in the order of app.py's TARGETS."""
+    wanted: list[tuple[str, str, int, dict[str, str], str]] = []
+    if settings.workers:
+        # The same server with 1 and with 2 uvicorn workers; bare too, for what the ledger
+        # (one SQLite file for both workers) costs them.
+        wanted.append(("bare", "none", 2, {}, "2 workers"))
+        for store in ("sqlite", "postgres"):
+            for workers in (1, 2):
+                wanted.append(
+                    ("oncely", store, workers, {}, f"{workers} worker" + "s" * (workers > 1))
+                )
+    elif settings.redis_lanes:
+        for lanes in settings.redis_lanes:
+            wanted.append(
+                ("oncely", "redis", 1, {"BENCH_REDIS_LANES": str(lanes)}, f"lanes {lanes}")
+            )
+    else:
+        for target, stores in targets.items():
+            if target == "bare" or (target != "oncely" and not settings.peers):
+                continue
+            wanted += [(target, store, 1, {}, "") for store in stores]
+    servers = []
+    port = FIRST_PORT + 1
+    for target, store, workers, env, variant in wanted:
+        if not selected(target, store, settings.only):
+            continue
+        slug = re.sub(r"[^a-z0-9]+", "_", f"{target}_{store}_{variant}").strip("_")
+        server = Server(target, store, port, f"{prefix}_{slug}", workers, env, variant)
+        port += 1
+        server.problem = problems.get(store) or (
+            oncely_problem(store) if target == "oncely" else None
+        )
+        servers.append(server)
+    return servers
+
+
 # Servers -----------------------------------------------------------------------------------
 
 
@@ -285,17 +375,41 @@ class Server:
     store: str
     port: int
     prefix: str
+    workers: int = 1
+    env: dict[str, str] = field(default_factory=dict)  # more of app.py's BENCH_* settings
+    variant: str = ""  # what sets this server apart from another of the same target and store
     replay_nonce: str = field(default_factory=lambda: f"r{secrets.token_hex(4)}")
     proc: subprocess.Popen[bytes] | None = None
     problem: str | None = None
+    duplicates: int | None = None  # ledger rows whose Idempotency-Key another row has too
 
     @property
     def name(self) -> str:
-        return self.target if self.target == "bare" else f"{self.target}:{self.store}"
+        base = self.target if self.target == "bare" else f"{self.target}:{self.store}"
+        return f"{base} ({self.variant})" if self.variant else base
 
     @property
     def log(self) -> Path:
         return SCRATCH / f"server-{self.port}.log"
+
+    @property
+    def ledger(self) -> Path:
+        """The contract endpoint's SQLite ledger (app.py's _sqlite_path("ledger"))."""
+        return SCRATCH / f"{self.prefix}-ledger.db"
+
+
+def ledger_duplicates(server: Server) -> int | None:
+    """Payments made more than once for one Idempotency-Key, over the whole run (warm-up too)."""
+    if not server.ledger.exists():
+        return None
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(server.ledger, timeout=30.0)) as conn:
+        row = conn.execute(
+            "SELECT count(*) - count(DISTINCT idempotency_key) FROM payments"
+            " WHERE idempotency_key IS NOT NULL"
+        ).fetchone()
+    return int(row[0])
 
 
 def pinned(cpu: str, command: list[str], settings: Settings) -> list[str]:
@@ -312,6 +426,8 @@ def start(server: Server, settings: Settings, http_impl: str) -> None:
         "BENCH_PG_URL": settings.pg_url,
         "BENCH_REDIS_URL": settings.redis_url,
         "BENCH_HANDLER_US": f"{settings.handler_us:g}",
+        "BENCH_ENDPOINT": settings.endpoint,
+        **server.env,
     }
     command = [
         str(VENV_PYTHON),
@@ -333,6 +449,8 @@ def start(server: Server, settings: Settings, http_impl: str) -> None:
         "--http",
         http_impl,
     ]
+    if server.workers > 1:
+        command += ["--workers", str(server.workers)]
     with server.log.open("wb") as log:
         server.proc = subprocess.Popen(
             pinned(SERVER_CPU, command, settings), env=env, stdout=log, stderr=subprocess.STDOUT
@@ -364,10 +482,13 @@ def request(
 
 
 def handler_runs(server: Server) -> int:
+    """How often the handler ran: the ledger's rows for the contract endpoint (one per run,
+    written by every worker to the same file), else the counter of the process that answers."""
     status, body = request(server.port, "GET", "/_bench")
     if status != 200:
         raise RuntimeError(f"{server.name}: GET /_bench answered {status}")
-    runs: int = json.loads(body)["handler_runs"]
+    answer = json.loads(body)
+    runs: int = answer.get("ledger_rows", answer["handler_runs"])
     return runs
 
 
@@ -452,6 +573,26 @@ def _process_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime, all threads
 
 
+def _tree_ticks(pid: int) -> int:
+    """CPU ticks of a process and all its descendants (uvicorn's workers are its children)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(_process_ticks(member) for member in tree)
+
+
 def _store_server_ticks() -> dict[int, int]:
     ticks = {}
     for entry in Path("/proc").iterdir():
@@ -468,16 +609,17 @@ def _store_server_ticks() -> dict[int, int]:
 class CpuMeter:
     """Cores used by everything except the server under test, wrk and the database servers."""
 
-    def __init__(self, pid: int | None) -> None:
+    def __init__(self, pid: int | None, tree: bool = False) -> None:
         self.pid = pid
+        self.ticks = _tree_ticks if tree else _process_ticks
         self.start = time.monotonic()
         self.busy = _busy_ticks()
-        self.server = 0 if pid is None else _process_ticks(pid)
+        self.server = 0 if pid is None else self.ticks(pid)
         self.stores = _store_server_ticks()
         self.children = _children_ticks()
 
     def server_seconds(self) -> float:
-        return 0.0 if self.pid is None else (_process_ticks(self.pid) - self.server) / _TICKS
+        return 0.0 if self.pid is None else (self.ticks(self.pid) - self.server) / _TICKS
 
     def store_seconds(self) -> float:
         """CPU time of the Redis and PostgreSQL servers (all of them) since the start."""
@@ -487,7 +629,7 @@ class CpuMeter:
     def other_cores(self) -> float:
         elapsed = time.monotonic() - self.start
         busy = _busy_ticks() - self.busy
-        ours = 0 if self.pid is None else _process_ticks(self.pid) - self.server
+        ours = 0 if self.pid is None else self.ticks(self.pid) - self.server
         ours += _children_ticks() - self.children
         # Database backends come and go (one process per PostgreSQL connection): count what
         # each process still alive used since the start.
@@ -546,8 +688,8 @@ def wrk(server: Server, mode: str, settings: Settings, seconds: float) -> dict[s
 def measure(
     server: Server, mode: str, round_: int, settings: Settings, seconds: float | None = None
 ) -> Run:
-    """One run of wrk; repeated (at most twice) when other work took over a fifth of a core."""
-    for _ in range(3):
+    """One run of wrk; repeated (up to --tries in all) when other work took over NOISY cores."""
+    for _ in range(settings.tries):
         run = _measure_once(server, mode, round_, settings, seconds or settings.duration)
         if run.other_cpu <= NOISY:
             break
@@ -559,7 +701,7 @@ def _measure_once(
 ) -> Run:
     wait_quiet(settings)
     before = handler_runs(server)
-    meter = CpuMeter(None if server.proc is None else server.proc.pid)
+    meter = CpuMeter(None if server.proc is None else server.proc.pid, tree=server.workers > 1)
     raw = wrk(server, mode, settings, seconds)
     other, server_s, store_s = meter.other_cores(), meter.server_seconds(), meter.store_seconds()
     after = handler_runs(server)
@@ -616,6 +758,8 @@ def load_runs(
     runs: list[Run] = []
     ratios: Ratios = defaultdict(list)
     cpu_ratios: Ratios = defaultdict(list)
+    if not targets:
+        return runs, ratios, cpu_ratios
     for mode in settings.modes:
         for round_ in range(settings.rounds):
             order = targets[round_ % len(targets) :] + targets[: round_ % len(targets)]
@@ -657,7 +801,12 @@ def serve_and_load(
                 stop(server)
         if bare.problem is not None:
             raise SystemExit(f"the bare app did not start: {bare.problem}")
-        return load_runs(bare, [s for s in runnable if s.problem is None], settings)
+        result = load_runs(bare, [s for s in runnable if s.problem is None], settings)
+        for server in runnable:
+            if server.problem is None and server.target != "bare":
+                with contextlib.suppress(Exception):
+                    server.duplicates = ledger_duplicates(server)
+        return result
     finally:
         for server in [bare, *targets]:
             stop(server)
@@ -957,14 +1106,29 @@ def report(
     prof: dict[str, Any] | None,
     problems: dict[str, str],
 ) -> str:
+    title = (
+        "oncely with 2 uvicorn workers against 1"
+        if settings.workers
+        else "oncely's Redis store by lane count"
+        if settings.redis_lanes
+        else "oncely benchmark results"
+    )
     out = [
-        "# oncely benchmark results",
+        f"# {title}",
         "",
         "Made by `benchmarks/run.py`; how it measures, and what the peers do and do not do: "
         "`benchmarks/README.md`.",
         "",
     ]
+    if settings.workers:
+        out += [*workers_summary(servers, runs, ratios, settings), ""]
+    elif settings.redis_lanes:
+        out += [*lanes_summary(servers, runs, ratios, settings), ""]
+    else:
+        out += [*summary(servers, runs, ratios, settings), ""]
+    out += [*noise(servers, runs, ratios, settings), "", "## How, where, when", ""]
     out += machine(settings, problems)
+    workers = "1 or 2 workers (on the same CPUs)" if settings.workers else "1 worker"
     pinning = (
         f"server (uvicorn, and everything it runs) pinned to CPU {SERVER_CPU}, "
         f"wrk to CPU {LOAD_CPU}; PostgreSQL and Redis unpinned"
@@ -976,10 +1140,10 @@ def report(
         f"{settings.rounds} round(s) of {settings.duration:g} s per target and mode, each target "
         "between two runs of the bare app; the ratio is the target's req/s over the mean of "
         "those two, and the table shows the median over rounds",
-        f"- Server: uvicorn, 1 worker, --no-access-log, --loop {settings.loop}, "
-        f"--http {http_impl}; {pinning}",
-        "- Endpoint: POST /payments, a 325-byte JSON payment parsed and validated, "
-        "answered 201 JSON with Location (benchmarks/app.py)"
+        f"- Server: uvicorn, {workers}, "
+        f"--no-access-log, --loop {settings.loop}, --http {http_impl}; {pinning}",
+        f"- Endpoint (`--endpoint {settings.endpoint}`): {ENDPOINTS[settings.endpoint]} "
+        "(benchmarks/app.py)"
         + (f", plus {settings.handler_us:g} us of CPU per payment" if settings.handler_us else ""),
         f"- Command: `{' '.join(['python3 benchmarks/run.py', *settings.argv])}`",
     ]
@@ -991,22 +1155,22 @@ def report(
             f"- Other work on the machine during the runs (cores busy outside the server, wrk and "
             f"the database servers): median {statistics.median(other):.2f}, "
             f"max {other[-1]:.2f}; {noisy} of {len(other)} runs above {NOISY} (each such run "
-            "was repeated up to twice; the last try counts)"
+            f"was tried up to {settings.tries} times in all; the last try counts)"
         )
     for mode in settings.modes:
         out += ["", f"## {MODES[mode]}", ""]
         out += [
             "| target | store | req/s | x bare | x bare, min-max | x bare by CPU | p50 ms "
             "| p99 ms | server CPU us/req | DB server CPU us/req | handler runs/req | errors "
-            "| goal (x bare) |",
-            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
+            "| payments twice for one key | goal (x bare) |",
+            "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|",
         ]
         for server in servers:
             mine = [r for r in runs if r.server == server.name and r.mode == mode]
             if server.problem is not None:
                 out.append(
                     f"| {server.target} | {server.store} | - | - | - | - | - | - | - | - | - | - "
-                    f"| skipped: {server.problem} |"
+                    f"| - | skipped: {server.problem} |"
                 )
                 continue
             if not mine:
@@ -1023,24 +1187,27 @@ def report(
                 if server.store in ("postgres", "redis")
                 else "-"
             )
-            if server.target == "bare":
+            if server.target == "bare" and not server.variant:
                 out.append(
                     f"| **bare** | - | {rps:,.0f} | 1.00 | - | 1.00 | {_ms(p50)} | {_ms(p99)} "
-                    f"| {cpu:.0f} | - | {per_request:.2f} | {errors} | |"
+                    f"| {cpu:.0f} | - | {per_request:.2f} | {errors} | - | |"
                 )
                 continue
             got = ratios[server.name, mode]
             ratio = statistics.median(got)
             by_cpu = statistics.median(cpu_ratios[server.name, mode])
             goal = ""
-            if server.target == "oncely" and (mode, server.store) in GOALS:
+            if server.target == "oncely" and not server.variant and (mode, server.store) in GOALS:
                 wanted = GOALS[mode, server.store]
                 goal = f"≥{wanted:g}x: {'met' if ratio >= wanted else 'not met'}"
             name = f"**{server.target}**" if server.target == "oncely" else server.target
+            if server.variant:
+                name += f" ({server.variant})"
+            twice = "-" if server.duplicates is None else f"{server.duplicates}"
             out.append(
                 f"| {name} | {server.store} | {rps:,.0f} | {ratio:.2f} "
                 f"| {min(got):.2f}-{max(got):.2f} | {by_cpu:.2f} | {_ms(p50)} | {_ms(p99)} "
-                f"| {cpu:.0f} | {db} | {per_request:.2f} | {errors} | {goal} |"
+                f"| {cpu:.0f} | {db} | {per_request:.2f} | {errors} | {twice} | {goal} |"
             )
         out += [""]
         out += ahead_of_peers(servers, ratios, mode)
@@ -1092,15 +1259,253 @@ def report(
     return "\n".join(out) + "\n"
 
 
+STORE_NAMES = {"memory": "memory", "sqlite": "SQLite", "redis": "Redis", "postgres": "PostgreSQL"}
+
+
+def _peers(servers: list[Server], ratios: Ratios, store: str, mode: str) -> dict[str, float]:
+    return {
+        s.target: statistics.median(ratios[s.name, mode])
+        for s in servers
+        if s.store == store
+        and s.target not in ("oncely", "bare")
+        and not s.variant
+        and ratios.get((s.name, mode))
+    }
+
+
+def _median_us(runs: list[Run], name: str, mode: str) -> float | None:
+    values = [r.server_us for r in runs if r.server == name and r.mode == mode]
+    return statistics.median(values) if values else None
+
+
+def summary(
+    servers: list[Server], runs: list[Run], ratios: Ratios, settings: Settings
+) -> list[str]:
+    """The table of issue 11: oncely and the best peer per store and mode, with the goals."""
+    out = [
+        "## Summary",
+        "",
+        "Throughput over the bare app's, measured in this one run (median over rounds); goals "
+        "from issue 11. Best peer: the peer with the highest ratio on that store in that mode.",
+        "",
+        "| store | new keys: oncely | best peer | replays: oncely | best peer |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    ahead: list[str] = []
+    met = total = 0
+    by_name = {s.name: s for s in servers}
+    for store in STORES:
+        cells: list[str] = []
+        verdicts: list[str] = []
+        for mode in ("new", "replay"):
+            mine = ratios.get((f"oncely:{store}", mode))
+            peers = _peers(servers, ratios, store, mode)
+            goal = GOALS[mode, store]
+            if mode not in settings.modes:
+                cells += ["not run", "-"]
+                continue
+            if mine:
+                ours = statistics.median(mine)
+                total += 1
+                met += ours >= goal
+                cells.append(
+                    f"**{ours:.2f}x** (≥{goal:g}x: {'met' if ours >= goal else 'not met'})"
+                )
+            else:
+                server = by_name.get(f"oncely:{store}")
+                why = server.problem if server is not None and server.problem else "not run"
+                cells.append(f"- ({why})")
+            if peers:
+                best = max(peers, key=lambda name: peers[name])
+                cells.append(f"{peers[best]:.2f}x ({best})")
+                if mine:
+                    word = "new keys" if mode == "new" else "replays"
+                    verdicts.append(
+                        f"{word} {'ahead' if statistics.median(mine) > peers[best] else 'behind'}"
+                    )
+            else:
+                cells.append("- (no peer)")
+        out.append(f"| {STORE_NAMES[store]} | " + " | ".join(cells) + " |")
+        if verdicts:
+            ok = all(v.endswith("ahead") for v in verdicts)
+            ahead.append(
+                f"{STORE_NAMES[store]} {'met' if ok else 'not met'} ({', '.join(verdicts)})"
+            )
+    out += [""]
+    if total:
+        out.append(f"- Ratio goals met: {met} of {total}.")
+    if ahead:
+        out.append("- Ahead of every peer on every store: " + "; ".join(ahead) + ".")
+    extra = []
+    for store in STORES:
+        parts = []
+        for mode in settings.modes:
+            ours, bare = _median_us(runs, f"oncely:{store}", mode), _median_us(runs, "bare", mode)
+            if ours is not None and bare is not None:
+                parts.append(f"{ours - bare:+,.0f}")
+        if parts:
+            extra.append(f"{STORE_NAMES[store]} {' / '.join(parts)}")
+    bare_us = _median_us(runs, "bare", "new")
+    if extra and bare_us is not None:
+        out.append(
+            f"- Server CPU per request, oncely minus bare (bare: {bare_us:,.0f} us), "
+            f"{' / '.join('new keys' if m == 'new' else 'replays' for m in settings.modes)}: "
+            + "; ".join(extra)
+            + " us."
+        )
+    return out
+
+
+def noise(servers: list[Server], runs: list[Run], ratios: Ratios, settings: Settings) -> list[str]:
+    """How much other work ran, and how far the rounds spread."""
+    if not runs:
+        return []
+    other = sorted(r.other_cpu for r in runs)
+    noisy = sum(1 for value in other if value > NOISY)
+    parts = [
+        f"Noise: other work on the machine (cores busy outside the server, wrk and the database "
+        f"servers) was median {statistics.median(other):.2f}, max {other[-1]:.2f} cores over "
+        f"{len(other)} runs, {noisy} above {NOISY} after up to {settings.tries} tries each "
+        f"(waiting up to {settings.wait_quiet:g} s for quiet before each run)."
+    ]
+    for mode in settings.modes:
+        bare = [r.rps for r in runs if r.server == "bare" and r.mode == mode]
+        if bare:
+            mid = statistics.median(bare)
+            parts.append(
+                f"Bare app, {'new keys' if mode == 'new' else 'replays'}: {min(bare):,.0f}-"
+                f"{max(bare):,.0f} req/s over {len(bare)} runs "
+                f"({(max(bare) - min(bare)) / mid:.0%} of its median)."
+            )
+    if settings.rounds > 1:
+        spreads = []
+        for server in servers:
+            for mode in settings.modes:
+                got = ratios.get((server.name, mode))
+                if got and len(got) > 1 and server.target == "oncely":
+                    spreads.append(max(got) - min(got))
+        if spreads:
+            parts.append(
+                f"oncely's ratios over {settings.rounds} rounds: spread (max - min) median "
+                f"{statistics.median(spreads):.2f}, widest {max(spreads):.2f}."
+            )
+    else:
+        parts.append("One round: no spread over rounds to show; read the ratios to ±0.1 or so.")
+    return ["- " + " ".join(parts)]
+
+
+def workers_summary(
+    servers: list[Server], runs: list[Run], ratios: Ratios, settings: Settings
+) -> list[str]:
+    """2 uvicorn workers against 1: throughput and what the handler did."""
+    out = [
+        "## Two workers",
+        "",
+        "Each server's req/s over the bare app's (1 worker) in the same run, median over rounds; "
+        "2 workers / 1 worker is the ratio of those. Handler runs are ledger rows (both workers "
+        "write to one SQLite ledger file): new keys must make one payment per key, replays none.",
+        "",
+        "| store | mode | 1 worker: req/s (x bare) | 2 workers: req/s (x bare) | 2 workers / 1 "
+        "| handler runs per request, 1 / 2 workers | payments twice for one key, 1 / 2 workers "
+        "| errors |",
+        "|---|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    by_name = {s.name: s for s in servers}
+
+    def cell(name: str, mode: str) -> tuple[str, float | None, str, str, int]:
+        mine = [r for r in runs if r.server == name and r.mode == mode]
+        if not mine:
+            server = by_name.get(name)
+            return (
+                f"- ({server.problem})" if server and server.problem else "-",
+                None,
+                "-",
+                "-",
+                0,
+            )
+        rps = statistics.median(r.rps for r in mine)
+        ratio = statistics.median(ratios[name, mode]) if ratios.get((name, mode)) else 1.0
+        requests = sum(r.requests for r in mine)
+        runs_per = sum(r.handler_runs for r in mine) / max(1, requests)
+        server = by_name.get(name)
+        twice = "-" if server is None or server.duplicates is None else str(server.duplicates)
+        return (
+            f"{rps:,.0f} ({ratio:.2f}x)",
+            ratio,
+            f"{runs_per:.3f}",
+            twice,
+            sum(r.errors for r in mine),
+        )
+
+    for store, one, two in (
+        ("none (bare)", "bare", "bare:none (2 workers)"),
+        ("SQLite", "oncely:sqlite (1 worker)", "oncely:sqlite (2 workers)"),
+        ("PostgreSQL", "oncely:postgres (1 worker)", "oncely:postgres (2 workers)"),
+    ):
+        for mode in settings.modes:
+            a, b = cell(one, mode), cell(two, mode)
+            factor = f"{b[1] / a[1]:.2f}" if a[1] and b[1] else "-"
+            out.append(
+                f"| {store} | {'new keys' if mode == 'new' else 'replays'} | {a[0]} | {b[0]} "
+                f"| {factor} | {a[2]} / {b[2]} | {a[3]} / {b[3]} | {a[4] + b[4]} |"
+            )
+    where = (
+        f"every worker of a server pinned to CPU {SERVER_CPU} with it, wrk on CPU {LOAD_CPU}: "
+        "2 workers get no more CPU than 1, so this measures what a second process costs or saves "
+        "(no idle CPU between requests, two SQLite writers, two connection pools)"
+        if settings.pin
+        else "no pinning: the workers, wrk and the database servers share every core"
+    )
+    out += [
+        "",
+        f"- Where: {where}.",
+        "- Handler runs per request counts ledger rows over answered requests; a run ends with up "
+        f"to {settings.connections} requests in flight whose payments are written but not "
+        "counted as answered, so new keys read a little over 1.000. Payments twice for one key "
+        "counts ledger rows sharing an Idempotency-Key, over the whole run and both modes.",
+    ]
+    return out
+
+
+def lanes_summary(
+    servers: list[Server], runs: list[Run], ratios: Ratios, settings: Settings
+) -> list[str]:
+    out = [
+        "## Redis: round trips in flight (lanes)",
+        "",
+        "oncely's Redis store queues scripts while `lanes` pipelined round trips are out "
+        "(stores/_async/_io.py's Batcher); set per server here with BENCH_REDIS_LANES, a "
+        "benchmark-only override (the store has no option for it). Median over rounds.",
+        "",
+        "| lanes | mode | req/s | x bare | x bare, min-max | server CPU us/req "
+        "| Redis CPU us/req | p50 ms | p99 ms | errors |",
+        "|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for server in servers:
+        for mode in settings.modes:
+            mine = [r for r in runs if r.server == server.name and r.mode == mode]
+            got = ratios.get((server.name, mode))
+            if not mine or not got or server.target == "bare":
+                continue
+            out.append(
+                f"| {server.env.get('BENCH_REDIS_LANES', '?')} "
+                f"| {'new keys' if mode == 'new' else 'replays'} "
+                f"| {statistics.median(r.rps for r in mine):,.0f} | {statistics.median(got):.2f} "
+                f"| {min(got):.2f}-{max(got):.2f} "
+                f"| {statistics.median(r.server_us for r in mine):.0f} "
+                f"| {statistics.median(r.store_us for r in mine):.0f} "
+                f"| {_ms(statistics.median(r.p50_ms for r in mine))} "
+                f"| {_ms(statistics.median(r.p99_ms for r in mine))} "
+                f"| {sum(r.errors for r in mine)} |"
+            )
+    return out
+
+
 def ahead_of_peers(servers: list[Server], ratios: Ratios, mode: str) -> list[str]:
     lines = []
     for store in ("memory", "sqlite", "postgres", "redis"):
         mine = ratios.get((f"oncely:{store}", mode))
-        peers = {
-            s.target: statistics.median(ratios[s.name, mode])
-            for s in servers
-            if s.store == store and s.target not in ("oncely", "bare") and (s.name, mode) in ratios
-        }
+        peers = _peers(servers, ratios, store, mode)
         if mine and peers:
             best = max(peers, key=lambda name: peers[name])
             ours = statistics.median(mine)
@@ -1139,21 +1544,7 @@ def main(argv: list[str]) -> int:
     notes: list[str] = []
     if os.getloadavg()[0] > 0.5:
         notes.append(f"Load average at the start: {os.getloadavg()[0]:.2f} (other work running)")
-    targets: list[Server] = []
-    port = FIRST_PORT + 1
-    for target, stores in TARGETS.items():
-        if target == "bare" or (target != "oncely" and not settings.peers):
-            continue
-        for store in stores:
-            if not selected(target, store, settings.only):
-                continue
-            slug = re.sub(r"[^a-z0-9]+", "_", f"{target}_{store}")
-            server = Server(target, store, port, f"{prefix}_{slug}")
-            port += 1
-            server.problem = problems.get(store) or (
-                oncely_problem(store) if target == "oncely" else None
-            )
-            targets.append(server)
+    targets = make_targets(settings, TARGETS, prefix, problems)
     bare = Server("bare", "none", FIRST_PORT, f"{prefix}_bare")
     if settings.profile_only:
         targets = []
@@ -1162,7 +1553,9 @@ def main(argv: list[str]) -> int:
     load_seconds = len(settings.modes) * settings.rounds * (2 * len(runnable) + 1) * per_run
     print(
         f"{len(runnable)} targets, {len(settings.modes)} modes, {settings.rounds} round(s) of "
-        f"{settings.duration:g} s: about {load_seconds / 60:.1f} min of load, plus start-up"
+        f"{settings.duration:g} s: about {load_seconds / 60:.1f} min of load, plus start-up, "
+        f"plus up to {settings.wait_quiet:g} s of waiting for quiet before each run and repeats "
+        "of noisy runs"
     )
     for server in targets:
         if server.problem:
