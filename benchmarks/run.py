@@ -1199,7 +1199,8 @@ def report(
             goal = ""
             if server.target == "oncely" and not server.variant and (mode, server.store) in GOALS:
                 wanted = GOALS[mode, server.store]
-                goal = f"≥{wanted:g}x: {'met' if ratio >= wanted else 'not met'}"
+                verdict = "met" if ratio >= wanted else "not met"
+                goal = f"≥{wanted:g}x: {verdict} ({ratio:.3f})"
             name = f"**{server.target}**" if server.target == "oncely" else server.target
             if server.variant:
                 name += f" ({server.variant})"
@@ -1308,9 +1309,10 @@ def summary(
                 ours = statistics.median(mine)
                 total += 1
                 met += ours >= goal
-                cells.append(
-                    f"**{ours:.2f}x** (≥{goal:g}x: {'met' if ours >= goal else 'not met'})"
-                )
+                # Three decimals where two would round a miss up to the goal (or a hit down).
+                shown = f"{ours:.3f}" if round(ours, 2) == goal else f"{ours:.2f}"
+                verdict = "met" if ours >= goal else "not met"
+                cells.append(f"**{shown}x** (≥{goal:g}x: {verdict})")
             else:
                 server = by_name.get(f"oncely:{store}")
                 why = server.problem if server is not None and server.problem else "not run"
