@@ -3,6 +3,8 @@
     python stores.py --seconds 3 --concurrency 32 --store memory=memory: \
         --store sqlite=sqlite:/tmp/x.db --store 'redis=redis://127.0.0.1:6379/0 prefix=b:'
     python stores.py --side sync ...   # the sync side: 32 threads (or both: --side both)
+    python stores.py --store 'redis-1=redis://127.0.0.1:6379/0 prefix=b: lanes=1' ...
+                                       # async Redis with 1 round trip in flight (default 4)
 
 run.py runs it pinned to the server's core and reads the JSON it prints. Three phases per store:
 
@@ -63,7 +65,16 @@ def _summary(samples: list[float], seconds: float) -> dict[str, float]:
 
 
 async def _bench(url: str, options: dict[str, Any], seconds: float, concurrency: int) -> dict:
+    options = dict(options)
+    lanes = options.pop("lanes", None)
     store = open_async_store(url, **options)
+    if lanes is not None:
+        # Benchmark-only: how many round trips the store's natural batching keeps in flight
+        # (stores/_async/_io.py's Batcher); the stores have no option for it.
+        batcher = getattr(store, "_batcher", None)
+        if batcher is None or not hasattr(batcher, "lanes"):
+            raise SystemExit(f"lanes={lanes}: this store has no batcher with lanes")
+        batcher.lanes = int(lanes)
     run = secrets.token_hex(4)
     claims: list[float] = []
     completes: list[float] = []
