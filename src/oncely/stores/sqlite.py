@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS {table} (
     phases      TEXT NOT NULL DEFAULT '[]'
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS {table}_forget_at ON {table} (forget_at);
+CREATE INDEX IF NOT EXISTS {table}_strip ON {table} (expires_at) WHERE response IS NOT NULL;
 """
 
 # The claim rule of stores/_rules.py in one statement. In DO UPDATE, bare column names are the
