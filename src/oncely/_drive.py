@@ -24,6 +24,7 @@ from typing import Generic, TypeVar
 from ._codec import Claimed, Existing
 from ._errors import StoreUnavailable
 from ._flow import (
+    CLOCK,
     WRITE_RETRY_CAP,
     WRITE_RETRY_FIRST,
     AppFailed,
@@ -203,6 +204,15 @@ class _AsyncRenewal:
             backoff = WRITE_RETRY_FIRST
             await asyncio.sleep(self._interval)
 
+    def cancel(self) -> bool:
+        """Stop the renewal if it is still only a timer (True); False when it is running."""
+        if self._task is not None:
+            return False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        return True
+
     async def stop(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
@@ -230,33 +240,45 @@ class _AsyncOps:
         self.watch = watch
 
     async def do(self, op: Op) -> object:
-        store, limit = self.store, self.limit
-        if isinstance(op, Clock):
-            return time.monotonic()
-        if isinstance(op, Sleep):
-            await asyncio.sleep(op.seconds)
-            return None
-        if isinstance(op, Run):
+        store, kind = self.store, type(op)
+        call: Awaitable[object]
+        # The exact types first, in the order a request meets them; then subclasses.
+        if kind is Claim:
+            claim: Claim = op  # type: ignore[assignment]  # its exact type, just checked
+            call = store.claim(claim.key, claim.fingerprint, lease=claim.lease)
+        elif kind is Run or (kind is not Complete and isinstance(op, Run)):
+            run: Run = op  # type: ignore[assignment]  # just checked
             assert self.run_app is not None
-            if op.claim is not None and op.lease is not None:
-                self.renewal = _AsyncRenewal(store, op.claim, op.lease, self.timeout)
-            ran = await self.run_app(op.claim, op.lease)
+            if run.claim is not None and run.lease is not None:
+                self.renewal = _AsyncRenewal(store, run.claim, run.lease, self.timeout)
+            ran = await self.run_app(run.claim, run.lease)
             if self.watch is not None:
                 self.watch.ran = ran
             return ran
-        call: Awaitable[object]
-        if isinstance(op, Claim):
-            call = store.claim(op.key, op.fingerprint, lease=op.lease)
         elif isinstance(op, Complete):
             call = store.complete(op.claim, op.response, ttl=op.ttl, tombstone_ttl=op.tombstone_ttl)
+        elif isinstance(op, Clock):
+            return time.monotonic()
+        elif isinstance(op, Sleep):
+            await asyncio.sleep(op.seconds)
+            return None
+        elif isinstance(op, Claim):
+            call = store.claim(op.key, op.fingerprint, lease=op.lease)
         elif isinstance(op, Release):
             call = store.release(op.claim)
         else:
             assert isinstance(op, RecordPhase), op
             call = store.record_phase(op.claim, op.name, op.data)
-        watch = self.watch
+        limit, watch = self.limit, self.watch
         if watch is None:
-            return await _call_store(call, limit)
+            if limit is not None:
+                return await _call_store(call, limit)
+            try:  # what _call_store does, without a coroutine of its own
+                return await call
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                raise _store_error(exc, None) from exc
         wall, began = time.time(), time.perf_counter()
         try:
             result = await _call_store(call, limit)
@@ -268,8 +290,9 @@ class _AsyncOps:
         return result
 
     async def stop(self) -> None:
-        if self.renewal is not None:
-            await self.renewal.stop()
+        renewal = self.renewal
+        if renewal is not None and not renewal.cancel():
+            await renewal.stop()
 
 
 async def _arun(
@@ -286,6 +309,9 @@ async def _arun(
         except StopIteration as done:
             return done.value, False
         send = steps.send
+        if op is CLOCK:  # read here: no coroutine for the most frequent operation
+            value = time.monotonic()
+            continue
         if isinstance(op, Detach):
             if writes is None or not writes.room(op.key):
                 value = False
@@ -324,8 +350,9 @@ async def adrive(
     try:
         result, detached = await _arun(steps, ops, writes)
     finally:
-        if not detached:
-            await ops.stop()
+        renewal = ops.renewal
+        if not detached and renewal is not None and not renewal.cancel():
+            await renewal.stop()
     if watch is not None:
         await watch.observer.aemit(watch.decided(result))  # type: ignore[arg-type]  # a flow's
     return result
@@ -492,6 +519,9 @@ def _run(
         except StopIteration as done:
             return done.value, False
         send = steps.send
+        if op is CLOCK:
+            value = time.monotonic()
+            continue
         if isinstance(op, Detach):
             if writes is None or not writes.room(op.key):
                 value = False

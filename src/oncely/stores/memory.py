@@ -206,3 +206,17 @@ class AsyncMemoryStore(AsyncOverSync[MemoryStore]):
     @classmethod
     def from_url(cls, url: str, /, **options: Any) -> AsyncMemoryStore:
         return cls(**_max_records_of(url, options))
+
+    # The operations of a request, each a direct call of the sync store's (no ``_call`` in
+    # between: one coroutine per operation, not two).
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+        return self.sync.claim(key, fingerprint, lease=lease)
+
+    async def complete(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        return self.sync.complete(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
+
+    async def release(self, claim: Claimed) -> bool:
+        return self.sync.release(claim)
