@@ -123,7 +123,7 @@ class MemoryStore:
         with self._lock:
             now = self._clock()
             old = self._records.get(key)
-            if old is None:
+            if old is None and len(self._records) >= self.max_records:
                 self._make_room(now)
             result, change = _rules.claim_rule(old, key, fingerprint, lease=lease, now=now)
             self._apply(key, change)
