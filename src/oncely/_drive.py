@@ -14,10 +14,13 @@ outcome the flow gave it, so the client is answered while the write goes on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from typing import Generic, TypeVar
 
@@ -164,24 +167,112 @@ class BackgroundWrites(_Writes["asyncio.Task[object]"]):
             await asyncio.wait(set(self._running))
 
 
+class _Due:
+    """The lease renewals waiting for their time on one event loop, behind one timer.
+
+    Arming a renewal per request with ``call_later`` costs a timer handle (and a context copy)
+    that nearly every request cancels unused. Here arming is an append: renewals of one
+    interval fall due in the order they were armed, so each interval keeps a queue and the
+    loop keeps one timer, for the head of each queue. A renewal cancelled before its time is
+    dropped when it reaches the head, or when the cancelled ones are most of what is queued.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queues: dict[float, collections.deque[tuple[float, _AsyncRenewal]]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}
+        self._queued = 0
+        self._cancelled = 0
+
+    def arm(self, renewal: _AsyncRenewal, interval: float) -> None:
+        due = self._loop.time() + interval
+        queue = self._queues.get(interval)
+        if queue is None:
+            queue = self._queues[interval] = collections.deque()
+        queue.append((due, renewal))
+        self._queued += 1
+        if interval not in self._timers:
+            self._timers[interval] = self._loop.call_at(due, self._fire, interval)
+
+    def cancelled(self) -> None:
+        """One armed renewal will not start after all."""
+        self._cancelled += 1
+        if self._cancelled > 1000 and 2 * self._cancelled > self._queued:
+            for interval, queue in self._queues.items():
+                self._queues[interval] = collections.deque(e for e in queue if e[1].armed)
+            self._queued -= self._cancelled
+            self._cancelled = 0
+
+    def _fire(self, interval: float) -> None:
+        del self._timers[interval]
+        queue = self._queues[interval]
+        # A timer may fire up to the clock's resolution early.
+        now = self._loop.time() + 0.001
+        while queue and queue[0][0] <= now:
+            renewal = queue.popleft()[1]
+            self._queued -= 1
+            if renewal.armed:
+                renewal.start()
+            else:
+                self._cancelled -= 1
+        if queue:
+            self._timers[interval] = self._loop.call_at(queue[0][0], self._fire, interval)
+        else:
+            del self._queues[interval]
+
+
+_dues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Due] = weakref.WeakKeyDictionary()
+_last_due: tuple[asyncio.AbstractEventLoop, _Due] | None = None
+
+
+def _due_on(loop: asyncio.AbstractEventLoop) -> _Due:
+    """The renewals of ``loop`` (the last loop asked for is remembered: it is nearly always
+    the same one)."""
+    global _last_due
+    last = _last_due
+    if last is not None and last[0] is loop:
+        return last[1]
+    due = _dues.get(loop)
+    if due is None:
+        due = _dues[loop] = _Due(loop)
+    _last_due = (loop, due)
+    return due
+
+
 class _AsyncRenewal:
     """Renews a claim's lease every third of it while the app runs and its outcome is written.
 
-    Nothing is scheduled but a timer: a request that ends within a third of its lease costs no
-    store round trip for renewal. A renewal that fails is tried again soon (backoff, up to the
-    interval), so the lease is renewed as soon as the store answers again.
+    Nothing is scheduled but a place in the loop's queue of renewals (:class:`_Due`): a request
+    that ends within a third of its lease costs no store round trip for renewal. A renewal that
+    fails is tried again soon (backoff, up to the interval), so the lease is renewed as soon as
+    the store answers again.
     """
+
+    __slots__ = (
+        "_claim",
+        "_context",
+        "_due",
+        "_interval",
+        "_lease",
+        "_store",
+        "_task",
+        "_timeout",
+        "armed",
+    )
 
     def __init__(self, store: AsyncStore, claim: Claimed, lease: Lease, timeout: float) -> None:
         self._store, self._claim, self._lease, self._timeout = store, claim, lease, timeout
-        self._interval = max(lease.duration / 3, 0.05)
-        loop = asyncio.get_running_loop()
-        self._handle: asyncio.TimerHandle | None = loop.call_later(self._interval, self._start)
+        self._interval = interval = max(lease.duration / 3, 0.05)
         self._task: asyncio.Task[None] | None = None
+        # The renewal runs in the request's context, as a timer of its own would have.
+        self._context = contextvars.copy_context()
+        self.armed = True  # waiting for its time
+        self._due = _due_on(asyncio.get_running_loop())
+        self._due.arm(self, interval)
 
-    def _start(self) -> None:
-        self._handle = None
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+    def start(self) -> None:
+        self.armed = False
+        self._task = self._due._loop.create_task(self._loop(), context=self._context)
 
     async def _loop(self) -> None:
         backoff = WRITE_RETRY_FIRST
@@ -205,19 +296,17 @@ class _AsyncRenewal:
             await asyncio.sleep(self._interval)
 
     def cancel(self) -> bool:
-        """Stop the renewal if it is still only a timer (True); False when it is running."""
+        """Stop the renewal if it has not started (True); False when it is running."""
         if self._task is not None:
             return False
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        if self.armed:
+            self.armed = False
+            self._due.cancelled()
         return True
 
     async def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-        if self._task is not None:
+        if not self.cancel():
+            assert self._task is not None
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
