@@ -29,7 +29,15 @@ FINGERPRINT_VERSION = "v1"
 def media_type(content_type: str | None) -> str:
     if not content_type:
         return ""
-    return content_type.split(";", 1)[0].strip().lower()
+    known = _MEDIA_TYPES.get(content_type)
+    if known is None:
+        known = content_type.split(";", 1)[0].strip().lower()
+        if len(_MEDIA_TYPES) < 1000:  # a client may send any value: a bounded memo
+            _MEDIA_TYPES[content_type] = known
+    return known
+
+
+_MEDIA_TYPES: dict[str, str] = {}
 
 
 def _is_json(mt: str) -> bool:

@@ -163,10 +163,16 @@ class _Exchange:
 
     async def _read_body(self) -> bool:
         """The whole request body into ``self.body``; False if the client went away."""
+        message = await self.receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            # The whole body in one message, as servers send a small one.
+            body = message.get("body", b"")
+            self.admitted.check_size(len(body))
+            self.body = body if type(body) is bytes else bytes(body)
+            return True
         parts: list[bytes] = []
         total = 0
         while True:
-            message = await self.receive()
             if message["type"] == "http.disconnect":
                 return False
             chunk = message.get("body", b"")
@@ -176,6 +182,7 @@ class _Exchange:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
+            message = await self.receive()
         self.body = b"".join(parts)
         return True
 
