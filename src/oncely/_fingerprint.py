@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from urllib.parse import parse_qsl, urlencode
 
 __all__ = ["FINGERPRINT_VERSION", "canonical_json", "fingerprint", "normalize_query"]
@@ -101,11 +102,26 @@ def _loads(body: bytes) -> object:
     # A document that opens with "{" or "[" and no NUL next has no BOM and is UTF-8 (what
     # detect_encoding says of it, without its checks).
     if body[:1] in _OPENERS and body[1:2] != b"\0":
-        return _DECODER.decode(body.decode("utf-8", "surrogatepass"))
-    return _DECODER.decode(body.decode(_detect_encoding(body), "surrogatepass"))
+        return _decode(body.decode("utf-8", "surrogatepass"))
+    return _decode(body.decode(_detect_encoding(body), "surrogatepass"))
 
 
 _OPENERS = (b"{", b"[")
+_scan: Callable[[str, int], tuple[object, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_space: Callable[[str, int], re.Match[str]] = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+
+
+def _decode(text: str) -> object:
+    """``_DECODER.decode(text)``, its two calls in between left out (the same document, the
+    same errors as ValueError)."""
+    start = 0 if text[:1] in "{[" and text else _space(text, 0).end()
+    try:
+        value, end = _scan(text, start)
+    except StopIteration as stop:
+        raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+    if end != len(text) and _space(text, end).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
 
 
 def canonical_json(body: bytes) -> bytes | None:

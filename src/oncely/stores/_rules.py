@@ -121,26 +121,21 @@ def claim_rule(
     else:
         attempt, phases = 1, ()
     lease_until = now + lease
+    token = token or new_token()
+    # Positional (the fields in their order): a claim is the hottest rule.
     record = Record(
-        key=key,
-        fingerprint=fingerprint,
-        state=State.IN_FLIGHT,
-        token=token or new_token(),
-        attempt=attempt,
-        lease_until=lease_until,
-        expires_at=lease_until,
-        forget_at=lease_until + ABANDONED_RETENTION,
-        phases=phases,
+        key,
+        fingerprint,
+        State.IN_FLIGHT,
+        token,
+        attempt,
+        lease_until,
+        lease_until,  # expires_at
+        lease_until + ABANDONED_RETENTION,  # forget_at
+        None,  # response
+        phases,
     )
-    claimed = Claimed(
-        key=key,
-        fingerprint=fingerprint,
-        token=record.token,
-        attempt=attempt,
-        lease_until=lease_until,
-        phases=phases,
-    )
-    return claimed, record
+    return Claimed(key, fingerprint, token, attempt, lease_until, phases), record
 
 
 def complete_rule(
