@@ -63,3 +63,21 @@ async def test_cancelled_renewals_are_dropped_from_the_queue() -> None:
     due = _due_on(asyncio.get_running_loop())
     assert due._queued <= 2 * 1001  # compacted as the cancelled ones became most of the queue
     assert store.renewed == []
+
+
+def test_a_finished_event_loop_is_not_kept_by_its_renewals() -> None:
+    import gc
+    import weakref
+
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def one_request() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        store = Recording()
+        claim, held = await _claim(store, "k", 60.0)
+        assert _AsyncRenewal(store, claim, held, 5.0).cancel()
+
+    asyncio.run(one_request())
+    asyncio.run(one_request())  # the last loop is remembered; the one before must be free
+    gc.collect()
+    assert loops[0]() is None

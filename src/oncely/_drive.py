@@ -177,22 +177,23 @@ class _Due:
     dropped when it reaches the head, or when the cancelled ones are most of what is queued.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    # No reference to the loop itself: it is the key of a weak dictionary of these.
+    def __init__(self) -> None:
         self._queues: dict[float, collections.deque[tuple[float, _AsyncRenewal]]] = {}
-        self._timers: dict[float, asyncio.TimerHandle] = {}
+        self._timing: set[float] = set()  # intervals whose head has a timer (not kept here)
         self._queued = 0
         self._cancelled = 0
 
-    def arm(self, renewal: _AsyncRenewal, interval: float) -> None:
-        due = self._loop.time() + interval
+    def arm(self, renewal: _AsyncRenewal, interval: float, loop: asyncio.AbstractEventLoop) -> None:
+        due = loop.time() + interval
         queue = self._queues.get(interval)
         if queue is None:
             queue = self._queues[interval] = collections.deque()
         queue.append((due, renewal))
         self._queued += 1
-        if interval not in self._timers:
-            self._timers[interval] = self._loop.call_at(due, self._fire, interval)
+        if interval not in self._timing:
+            self._timing.add(interval)
+            loop.call_at(due, self._fire, interval)
 
     def cancelled(self) -> None:
         """One armed renewal will not start after all."""
@@ -204,19 +205,21 @@ class _Due:
             self._cancelled = 0
 
     def _fire(self, interval: float) -> None:
-        del self._timers[interval]
+        self._timing.discard(interval)
         queue = self._queues[interval]
+        loop = asyncio.get_running_loop()
         # A timer may fire up to the clock's resolution early.
-        now = self._loop.time() + 0.001
+        now = loop.time() + 0.001
         while queue and queue[0][0] <= now:
             renewal = queue.popleft()[1]
             self._queued -= 1
             if renewal.armed:
-                renewal.start()
+                renewal.start(loop)
             else:
                 self._cancelled -= 1
         if queue:
-            self._timers[interval] = self._loop.call_at(queue[0][0], self._fire, interval)
+            self._timing.add(interval)
+            loop.call_at(queue[0][0], self._fire, interval)
         else:
             del self._queues[interval]
 
@@ -234,7 +237,7 @@ def _due_on(loop: asyncio.AbstractEventLoop) -> _Due:
         return last[1]
     due = _dues.get(loop)
     if due is None:
-        due = _dues[loop] = _Due(loop)
+        due = _dues[loop] = _Due()
     _last_due = (loop, due)
     return due
 
@@ -267,12 +270,13 @@ class _AsyncRenewal:
         # The renewal runs in the request's context, as a timer of its own would have.
         self._context = contextvars.copy_context()
         self.armed = True  # waiting for its time
-        self._due = _due_on(asyncio.get_running_loop())
-        self._due.arm(self, interval)
+        loop = asyncio.get_running_loop()
+        self._due = _due_on(loop)
+        self._due.arm(self, interval, loop)
 
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self.armed = False
-        self._task = self._due._loop.create_task(self._loop(), context=self._context)
+        self._task = loop.create_task(self._loop(), context=self._context)
 
     async def _loop(self) -> None:
         backoff = WRITE_RETRY_FIRST
