@@ -11,7 +11,7 @@ cost per request is the difference of their times over that number. Printed: the
 the standard deviation over rounds, for new keys (every request a key never sent) and replays
 (16 completed keys, cycled). ``--profile new|replay`` prints a cProfile of that case instead.
 ``--cpu`` times by the process's CPU clock: on a machine shared with other work it leaves out
-the time the benchmark waited for a core (on a quiet machine both clocks agree).
+the time the benchmark waited for a core (on a quiet machine the two should agree).
 
 Latest numbers (Python 3.11.7, 2 cores shared with other work, load average 3 to 4; each the
 best median of 5 runs of ``--rounds 10 --requests 1000 --cpu``, the stdev of that run, and the
