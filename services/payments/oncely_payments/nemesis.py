@@ -1,7 +1,7 @@
 """The nemesis: the payments service as several processes on one store, attacked, then audited.
 
     python -m oncely_payments.nemesis [--store sqlite|postgresql|redis|URL ...]
-        [--duration SECONDS] [--processes N] [--seed N] [--json PATH]
+        [--duration SECONDS] [--processes N] [--seed N] [--json PATH] [--plant-duplicate]
 
 For each store, ``--processes`` service processes share one store: a SQLite file, a PostgreSQL
 schema of the run's own, or a Redis key prefix of the run's own (``nemesis-<random>:``, its keys
@@ -11,7 +11,8 @@ deleted at the end) with the ledger apart from it in a SQLite file (the service'
 ``AsyncIdempotentTransport``, pays intents (one customer and one Idempotency-Key each) against a
 random live process, retrying until a final answer (201, or 402 for a declined card).
 
-For ``--duration`` seconds the nemesis, at random moments, does one of:
+For ``--duration`` seconds the nemesis, at random moments, does one of (in rounds: every kind
+once a round, shuffled, process and store faults alternating):
 
 - ``kill``: SIGKILL a service process (its whole group), restart it on a new port;
 - ``pause``: SIGSTOP a process past its lease, then SIGCONT: a retry takes its keys over, and
@@ -26,8 +27,10 @@ process faults only.
 
 Then the audit (audit.py) of the ledger and the card network: duplicates, lost payments, wrong
 ones, clients told another payment than the one kept; and of the store: keys still in flight
-past their lease (for Redis read with the store's own ``stats``). Exit status 1 on any
-violation, 2 on a usage error.
+past their lease (for Redis read with the store's own ``stats``). When the first look finds
+some (on Redis: answered while the response's write went on, and that write never landed),
+every intent is retried once more, and the store read again. The report ends with one audit
+line per store. Exit status 0 when all are clean, 1 on any violation, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -85,9 +88,13 @@ class NemesisConfig:
     fault_gap: tuple[float, float] = (0.3, 1.2)  # seconds between two faults
     duplicate_rate: float = 0.05  # of requests: a copy sent at once
     reorder_rate: float = 0.05  # of requests: a copy sent late, after later retries
+    reorder_delay: tuple[float, float] = (0.5, 3.0)  # seconds a late copy waits
     intent_deadline: float = 90.0
     unfenced: bool = False  # tests only: the service's store ignores fencing tokens
     plant_duplicate: bool = False  # tests only: a second payment for one intent before the audit
+    # Tests only (Redis): one completed record turned back into what a final write that never
+    # landed leaves (in flight, its lease over, no response), before the audit.
+    plant_unrecorded: bool = False
 
 
 @dataclass
@@ -205,7 +212,7 @@ class DuplicatingTransport(httpx.AsyncBaseTransport):
         if draw < self.cfg.duplicate_rate:
             self._copy(request, body, 0.0, "duplicate")
         elif draw < self.cfg.duplicate_rate + self.cfg.reorder_rate:
-            self._copy(request, body, self.rng.uniform(0.5, 3.0), "reorder")
+            self._copy(request, body, self.rng.uniform(*self.cfg.reorder_delay), "reorder")
         response = await self.inner.handle_async_request(request)
         if response.headers.get("idempotent-replayed") == "true":
             self.run.replays += 1
@@ -484,6 +491,23 @@ def stuck_in_redis(url: str, prefix: str) -> list[str]:
     return stuck
 
 
+def plant_unrecorded(url: str, prefix: str) -> str:
+    """One completed record under ``prefix`` made in flight again, its lease over and its
+    response gone, as when the response's write never landed (tests only); its Redis key."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30) as client:
+        seconds, micros = client.time()
+        past = repr(seconds + micros / 1_000_000 - 5.0)
+        for name in client.scan_iter(match=prefix + "*", count=1000):
+            if client.hget(name, "state") == b"completed":
+                client.hset(name, mapping={"state": "in_flight", "lease_until": past})
+                client.hset(name, "expires_at", past)
+                client.hdel(name, "response")
+                return bytes(name).decode()
+    raise RuntimeError(f"no completed record under {prefix!r} to plant")
+
+
 def delete_redis_prefix(url: str, prefix: str) -> int:
     """Delete every key under ``prefix`` (the run's own); how many there were."""
     import redis
@@ -599,6 +623,10 @@ async def run_store(cfg: NemesisConfig, name: str, seed: int, say: Any = print) 
                     "postgresql" if dialect == "postgresql" else "sqlite",
                     f"{url}#{schema}" if dialect == "postgresql" else str(db),
                 )
+            if cfg.plant_unrecorded:
+                if dialect != "redis":
+                    raise ValueError("plant_unrecorded is for Redis runs")
+                await asyncio.to_thread(plant_unrecorded, url, prefix)
 
             async def stuck() -> list[str]:
                 if dialect == "sqlite":
