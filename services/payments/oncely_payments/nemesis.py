@@ -491,6 +491,11 @@ def stuck_in_redis(url: str, prefix: str) -> list[str]:
     return stuck
 
 
+def _glob(prefix: str) -> str:
+    """A SCAN pattern for every key under ``prefix``, its glob characters escaped."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+
+
 def plant_unrecorded(url: str, prefix: str) -> str:
     """One completed record under ``prefix`` made in flight again, its lease over and its
     response gone, as when the response's write never landed (tests only); its Redis key."""
@@ -499,7 +504,7 @@ def plant_unrecorded(url: str, prefix: str) -> str:
     with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30) as client:
         seconds, micros = client.time()
         past = repr(seconds + micros / 1_000_000 - 5.0)
-        for name in client.scan_iter(match=prefix + "*", count=1000):
+        for name in client.scan_iter(match=_glob(prefix), count=1000):
             if client.hget(name, "state") == b"completed":
                 client.hset(name, mapping={"state": "in_flight", "lease_until": past})
                 client.hset(name, "expires_at", past)
@@ -512,10 +517,9 @@ def delete_redis_prefix(url: str, prefix: str) -> int:
     """Delete every key under ``prefix`` (the run's own); how many there were."""
     import redis
 
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"  # the prefix, glob-escaped
     deleted = 0
     with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30) as client:
-        names = list(client.scan_iter(match=pattern, count=1000))
+        names = list(client.scan_iter(match=_glob(prefix), count=1000))
         for at in range(0, len(names), 1000):
             deleted += int(client.delete(*names[at : at + 1000]))
     return deleted
