@@ -36,9 +36,10 @@ demo: $(STAMP)
 # The nemesis (about 5 minutes): SQLite, PostgreSQL and Redis in turn (85 s of faults each),
 # several service processes on each store under SIGKILL, SIGSTOP, store connection faults and
 # duplicated retries, then an audit; ends with one audit line per store (docs/nemesis.md);
-# make nemesis ARGS="--store redis --duration 60 --json nemesis.json"
+# make nemesis STORE=redis DURATION=60, or make nemesis ARGS="--store redis --json nemesis.json"
 nemesis: $(STAMP)
-	$(BIN)/python -m oncely_payments.nemesis $(ARGS)
+	$(BIN)/python -m oncely_payments.nemesis $(if $(STORE),--store $(STORE)) \
+		$(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
 # Load benchmarks (by hand, minutes; see benchmarks/README.md): make bench ARGS="--quick"
 bench:
