@@ -1,26 +1,34 @@
 """What watching every decision costs: requests/s with metrics and decision logging on and off.
 
-    .venv/bin/python benchmarks/observe.py --quick     # 5 rounds of 1 s per mode
-    .venv/bin/python benchmarks/observe.py             # 15 rounds of 2 s per mode
-    .venv/bin/python benchmarks/observe.py --server    # uvicorn + wrk, 5 rounds of 5 s per mode
+    .venv/bin/python benchmarks/observe.py --quick             # in process, 5 rounds of 1 s
+    .venv/bin/python benchmarks/observe.py                     # in process, 15 rounds of 2 s
+    .venv/bin/python benchmarks/observe.py --server --quick    # over HTTP, 3 rounds of 3 s
+    .venv/bin/python benchmarks/observe.py --server            # over HTTP, 7 rounds of 5 s
 
-In one process and one run, the light handler (a JSON 201) behind ``oncely.asgi`` on the memory
-store is called straight through ASGI (no server, no sockets: the worst case for overhead,
-since nothing else takes time). Modes alternate round by round, so a machine that slows down
-slows every mode alike:
+Three modes, measured in one run, rounds alternated (the order reversed every other round) so
+that a machine that slows down slows every mode alike:
 
 - ``off``: no ``on_decision`` hook, ``oncely.decisions`` not enabled (nothing is built);
 - ``metrics``: ``oncely.metrics.Metrics`` as the hook;
 - ``metrics+logs``: the hook, and one JSON line per decision (``oncely.logs.JSONFormatter``)
   to a file.
 
-With ``--server``, each mode is its own uvicorn server instead (one worker, uvloop, httptools,
-no access log, pinned to CPU 0 where ``taskset`` exists) and wrk, another process pinned to
-CPU 1, loads it with ``load.lua`` (32 connections); rounds alternate the servers in the same way.
+In process (the default), the light handler (a JSON 201) behind ``oncely.asgi`` on the memory
+store is called straight through ASGI: no server, no sockets, the worst case for overhead
+since nothing else takes time.
+
+With ``--server``, each mode is its own uvicorn server running the benchmark app
+(``benchmarks/app.py``: its payments endpoint behind oncely on the memory store, the mode given
+as ``BENCH_OBSERVE``; one worker, uvloop, httptools, no access log, pinned to CPU 0 where
+``taskset`` exists) and wrk, another process pinned to CPU 1, loads it with ``load.lua`` (32
+connections). Needs wrk (Debian: apt-get install wrk).
 
 Each mode runs with new keys (claim, run, complete) and with replays (claim finds the answer).
-Prints requests/s per mode (median of the rounds, and the spread min-max) and the cost of each
-mode against ``off``.
+Prints, per mode, requests/s (median of the rounds, min-max) and the ratio to ``off``: the
+median of each round's ratio to the ``off`` measured beside it, with the min-max of those
+ratios, and the microseconds the mode adds to a request (over HTTP one server process runs on
+one CPU, so this is its CPU time); the spread of ``off`` itself round to round is the
+machine's noise.
 """
 
 from __future__ import annotations
@@ -40,14 +48,16 @@ import sys
 import tempfile
 import time
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+MODES = ("off", "metrics", "metrics+logs")
+HERE = Path(__file__).resolve().parent
+REPLAY_KEYS = 16
+Results = dict[tuple[str, bool], list[float]]
 
-from oncely import tenant_from_header
-from oncely.asgi import IdempotencyMiddleware
-from oncely.logs import JSONFormatter
-from oncely.metrics import Metrics
+
+# -- in process ------------------------------------------------------------------------------
 
 BODY = b'{"amount":100,"currency":"EUR"}'
 
@@ -64,21 +74,20 @@ async def handler(scope: MutableMapping[str, Any], receive: Any, send: Any) -> N
     await send({"type": "http.response.body", "body": b'{"id":"pay_1","status":"ok"}'})
 
 
-def make_app(mode: str, tenant_header: str = "X-Tenant") -> IdempotencyMiddleware:
+def make_app(mode: str) -> Any:
+    from prometheus_client import CollectorRegistry
+
+    from oncely import tenant_from_header
+    from oncely.asgi import IdempotencyMiddleware
+    from oncely.metrics import Metrics
+
     hooks = [] if mode == "off" else [Metrics(registry=CollectorRegistry())]
     return IdempotencyMiddleware(
-        handler, store="memory:", tenant=tenant_from_header(tenant_header), on_decision=hooks
+        handler, store="memory:", tenant=tenant_from_header("X-Tenant"), on_decision=hooks
     )
 
 
-def build() -> IdempotencyMiddleware:
-    """The app of one ``--server`` mode, for ``uvicorn --factory observe:build``."""
-    mode = os.environ["OBSERVE_MODE"]
-    logging_for(mode, os.environ["OBSERVE_LOG"])
-    return make_app(mode, tenant_header="X-Tenant-Id")
-
-
-async def rate(app: IdempotencyMiddleware, seconds: float, replay: bool, salt: str) -> float:
+async def rate(app: Any, seconds: float, replay: bool, salt: str) -> float:
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
@@ -112,6 +121,8 @@ async def rate(app: IdempotencyMiddleware, seconds: float, replay: bool, salt: s
 
 
 def logging_for(mode: str, path: str) -> logging.Handler | None:
+    from oncely.logs import JSONFormatter
+
     logger = logging.getLogger("oncely")
     if mode != "metrics+logs":
         logger.setLevel(logging.WARNING)
@@ -123,135 +134,13 @@ def logging_for(mode: str, path: str) -> logging.Handler | None:
     return handler
 
 
-MODES = ["off", "metrics", "metrics+logs"]
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPLAY_KEYS = 16
-
-
-def _lua_body() -> bytes:
-    """The body load.lua sends, so the answers sent before a replay round have its fingerprint."""
-    with open(os.path.join(HERE, "load.lua")) as f:
-        text = f.read()
-    return text.split("body = [[", 1)[1].split("]]", 1)[0].encode()
-
-
-def _pinned(cpu: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *argv] if shutil.which("taskset") else argv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _post(port: int, key: str) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        headers = {"Idempotency-Key": key, "X-Tenant-Id": "acme"}
-        headers["Content-Type"] = "application/json"
-        conn.request("POST", "/payments", body=_lua_body(), headers=headers)
-        return conn.getresponse().status
-    finally:
-        conn.close()
-
-
-def _start(mode: str, log_dir: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "OBSERVE_MODE": mode,
-        "OBSERVE_LOG": os.path.join(log_dir, f"{mode}.log"),
-        "PYTHONPATH": HERE,
-    }
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "observe:build", "--port", str(port)]
-    argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
-    server = subprocess.Popen(_pinned(0, argv), env=env, cwd=HERE)
-    for _ in range(200):
-        try:
-            if _post(port, f"warmup-{MODES.index(mode)}") == 201:
-                return server, port
-        except OSError:
-            time.sleep(0.05)
-    server.kill()
-    raise SystemExit(f"the {mode} server did not start")
-
-
-def _wrk(port: int, seconds: float, replay: bool, nonce: str) -> float:
-    if replay:
-        for n in range(REPLAY_KEYS):
-            _post(port, f"{nonce}-{n}")
-    argv = ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "-s", os.path.join(HERE, "load.lua")]
-    argv += [f"http://127.0.0.1:{port}", "--", "replay" if replay else "new", nonce]
-    argv += [str(REPLAY_KEYS), "acme"]
-    out = subprocess.run(_pinned(1, argv), capture_output=True, text=True, check=True).stdout
-    line = next(x for x in out.splitlines() if x.startswith("BENCH "))
-    result = json.loads(line[6:])
-    if result["status_errors"]:
-        raise SystemExit(f"wrk saw non-2xx answers: {result}")
-    errors = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors"))
-    if errors or result["status_errors"] or result["timeouts"]:
-        raise SystemExit(f"wrk saw errors: {result}")
-    return float(result["requests"]) / (result["duration_us"] / 1e6)
-
-
-def servers(rounds: int, seconds: float) -> dict[tuple[str, bool], list[float]]:
-    if shutil.which("wrk") is None:
-        raise SystemExit("--server needs wrk (apt-get install -y wrk)")
-    log_dir = tempfile.mkdtemp(prefix="oncely-observe-")
-    started = {m: _start(m, log_dir) for m in MODES}
-    results: dict[tuple[str, bool], list[float]] = {(m, r): [] for m in MODES for r in (0, 1)}
-    try:
-        for round_ in range(rounds):
-            for replay in (False, True):
-                for mode in MODES if round_ % 2 == 0 else reversed(MODES):
-                    nonce = f"m{MODES.index(mode)}-{round_}-{secrets.token_hex(3)}"
-                    port = started[mode][1]
-                    results[(mode, replay)].append(_wrk(port, seconds, replay, nonce))
-    finally:
-        for server, _ in started.values():
-            server.terminate()
-            server.wait(10)
-    logged = os.path.getsize(os.path.join(log_dir, "metrics+logs.log"))
-    print(f"decision log of metrics+logs: {logged} bytes")
-    return results
-
-
-def report(rounds: int, seconds: float, results: dict[tuple[str, bool], list[float]]) -> None:
-    print(f"{rounds} rounds of {seconds:g} s per mode; requests/s, median (min-max)")
-    for replay in (False, True):
-        print("replays" if replay else "new keys")
-        base = statistics.median(results[("off", replay)])
-        for mode in MODES:
-            values = results[(mode, replay)]
-            median = statistics.median(values)
-            cost = (1 - median / base) * 100
-            print(
-                f"  {mode:<13} {median:8.0f} ({min(values):.0f}-{max(values):.0f})"
-                f"  {cost:+5.1f} % vs off"
-            )
-
-
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 rounds of 1 s per mode")
-    parser.add_argument("--server", action="store_true", help="uvicorn servers loaded by wrk")
-    parser.add_argument("--rounds", type=int, help="rounds per mode")
-    parser.add_argument("--seconds", type=float, help="seconds per round")
-    args = parser.parse_args()
-    if args.server:
-        rounds, seconds = args.rounds or 5, args.seconds or 5.0
-        report(rounds, seconds, servers(rounds, seconds))
-        return
-    rounds, seconds = (5, 1.0) if args.quick else (15, 2.0)
-    rounds, seconds = args.rounds or rounds, args.seconds or seconds
-    modes = MODES
-    apps = {m: make_app(m) for m in modes}
-    results: dict[tuple[str, bool], list[float]] = {(m, r): [] for m in modes for r in (0, 1)}
+async def in_process(rounds: int, seconds: float) -> Results:
+    apps = {m: make_app(m) for m in MODES}
+    results: Results = {(m, r): [] for m in MODES for r in (False, True)}
     log_path = os.path.join(tempfile.mkdtemp(prefix="oncely-observe-"), "decisions.log")
     for round_ in range(rounds):
         for replay in (False, True):
-            for mode in modes if round_ % 2 == 0 else reversed(modes):
+            for mode in MODES if round_ % 2 == 0 else tuple(reversed(MODES)):
                 handler = logging_for(mode, log_path)
                 try:
                     salt = f"{mode}-{round_}"
@@ -260,8 +149,153 @@ async def main() -> None:
                     if handler is not None:
                         logging.getLogger("oncely").removeHandler(handler)
                         handler.close()
-    report(rounds, seconds, results)
+    return results
+
+
+# -- over HTTP -------------------------------------------------------------------------------
+
+LUA_BODY = (HERE / "load.lua").read_text().split("body = [[", 1)[1].split("]]", 1)[0].encode()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pin(cpu: str, command: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *command] if shutil.which("taskset") else command
+
+
+def _serve(mode: str, scratch: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = _port()
+    workdir = scratch / mode.replace("+", "-")
+    workdir.mkdir()
+    env = {
+        **os.environ,
+        "BENCH_TARGET": "oncely",
+        "BENCH_STORE": "memory",
+        "BENCH_OBSERVE": mode,
+        "BENCH_SCRATCH": str(workdir),
+        "BENCH_PREFIX": "observe",
+    }
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app:build", "--port", str(port)]
+    command += ["--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level"]
+    command += ["warning"]
+    proc = subprocess.Popen(_pin("0", command), cwd=HERE, env=env)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/_bench")
+            conn.getresponse().read()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"the {mode} server did not start")
+
+
+def _wrk(port: int, mode: str, seconds: float, replay: bool) -> float:
+    nonce = secrets.token_hex(4)
+    if replay:  # the keys the replay load cycles over, sent once first
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for n in range(REPLAY_KEYS):
+            headers = {
+                "Content-Type": "application/json",
+                "X-Tenant-Id": "acme",
+                "Idempotency-Key": f"{nonce}-{n}",
+            }
+            conn.request("POST", "/payments", body=LUA_BODY, headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+            if answer.status != 201:
+                raise SystemExit(f"the {mode} server answered {answer.status} to a first request")
+        conn.close()
+    load = "replay" if replay else "new"
+    command = ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "-s", str(HERE / "load.lua")]
+    command += [f"http://127.0.0.1:{port}", "--", load, nonce, str(REPLAY_KEYS), "acme"]
+    result = subprocess.run(_pin("1", command), capture_output=True, text=True, check=True)
+    for line in result.stdout.splitlines():
+        if line.startswith("BENCH "):
+            report = json.loads(line[6:])
+            errors = sum(report[k] for k in report if k.endswith("errors") or k == "timeouts")
+            if errors:
+                raise SystemExit(f"wrk saw errors on {mode}: {report}")
+            rate: float = report["requests"] / (report["duration_us"] / 1e6)
+            return rate
+    raise SystemExit(f"wrk printed no BENCH line for {mode}:\n{result.stdout}{result.stderr}")
+
+
+def over_http(rounds: int, seconds: float) -> Results:
+    if shutil.which("wrk") is None:
+        raise SystemExit("--server needs wrk (Debian: apt-get install wrk)")
+    scratch = Path(tempfile.mkdtemp(prefix="oncely-observe-http-"))
+    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    results: Results = {(m, r): [] for m in MODES for r in (False, True)}
+    try:
+        for mode in MODES:
+            servers[mode] = _serve(mode, scratch)
+        for round_ in range(rounds):
+            for replay in (False, True):
+                for mode in MODES if round_ % 2 == 0 else tuple(reversed(MODES)):
+                    results[(mode, replay)].append(_wrk(servers[mode][1], mode, seconds, replay))
+        logged = (scratch / "metrics-logs" / "decisions.log").stat().st_size
+        print(f"decision log of metrics+logs: {logged:,} bytes")
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(10)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def report(where: str, rounds: int, seconds: float, results: Results) -> None:
+    print(f"{where}: {rounds} rounds of {seconds:g} s per mode, alternated")
+    print("requests/s median (min-max); ratio to off: median of the rounds' ratios (min-max)")
+    for replay in (False, True):
+        off = results[("off", replay)]
+        base = statistics.median(off)
+        noise = (max(off) - min(off)) / base * 100
+        print(
+            f"{'replays' if replay else 'new keys'} (off's own spread {noise:.1f} % of its median)"
+        )
+        for mode in MODES:
+            values = results[(mode, replay)]
+            median = statistics.median(values)
+            line = f"  {mode:<13} {median:9,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+            if mode != "off":
+                ratios = [v / o for v, o in zip(values, off, strict=True)]
+                ratio = statistics.median(ratios)
+                line += f"  x{ratio:.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+                line += f"  {(1 - ratio) * 100:+5.1f} % cost"
+                added = [1e6 / v - 1e6 / o for v, o in zip(values, off, strict=True)]
+                line += f"  {statistics.median(added):+.1f} µs/request"
+            print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--server", action="store_true", help="uvicorn servers loaded by wrk")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    parser.add_argument("--rounds", type=int, help="rounds per mode")
+    parser.add_argument("--seconds", type=float, help="seconds per round")
+    args = parser.parse_args()
+    if args.server:
+        rounds, seconds = (3, 3.0) if args.quick else (7, 5.0)
+    else:
+        rounds, seconds = (5, 1.0) if args.quick else (15, 2.0)
+    rounds, seconds = args.rounds or rounds, args.seconds or seconds
+    if args.server:
+        report("over HTTP", rounds, seconds, over_http(rounds, seconds))
+    else:
+        results = asyncio.run(in_process(rounds, seconds))
+        report("in process", rounds, seconds, results)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
