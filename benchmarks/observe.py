@@ -26,9 +26,10 @@ connections). Needs wrk (Debian: apt-get install wrk).
 Each mode runs with new keys (claim, run, complete) and with replays (claim finds the answer).
 Prints, per mode, requests/s (median of the rounds, min-max) and the ratio to ``off``: the
 median of each round's ratio to the ``off`` measured beside it, with the min-max of those
-ratios, and the microseconds the mode adds to a request (over HTTP one server process runs on
-one CPU, so this is its CPU time); the spread of ``off`` itself round to round is the
-machine's noise.
+ratios; the spread of ``off`` itself round to round is the machine's noise. And the CPU time
+per request (in process: the benchmark thread's; over HTTP: the server process's, from /proc),
+which other processes sharing the machine disturb much less than requests/s: the microseconds
+each mode adds to ``off``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from typing import Any
 MODES = ("off", "metrics", "metrics+logs")
 HERE = Path(__file__).resolve().parent
 REPLAY_KEYS = 16
-Results = dict[tuple[str, bool], list[float]]
+#: (mode, replay) -> per round: requests/s (wall clock), and CPU microseconds per request
+Results = dict[tuple[str, bool], list[tuple[float, float]]]
 
 
 # -- in process ------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def make_app(mode: str) -> Any:
     )
 
 
-async def rate(app: Any, seconds: float, replay: bool, salt: str) -> float:
+async def rate(app: Any, seconds: float, replay: bool, salt: str) -> tuple[float, float]:
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
@@ -98,7 +100,7 @@ async def rate(app: Any, seconds: float, replay: bool, salt: str) -> float:
 
     n = 0
     end = time.perf_counter() + seconds
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     while time.perf_counter() < end:
         for _ in range(100):
             key = f"{salt}-replay" if replay else f"{salt}-{n}"
@@ -117,7 +119,8 @@ async def rate(app: Any, seconds: float, replay: bool, salt: str) -> float:
             await app(scope, receive, send)
             n += 1
         sent.clear()
-    return n / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
+    return n / wall, cpu / n * 1e6
 
 
 def logging_for(mode: str, path: str) -> logging.Handler | None:
@@ -197,7 +200,17 @@ def _serve(mode: str, scratch: Path) -> tuple[subprocess.Popen[bytes], int]:
     raise SystemExit(f"the {mode} server did not start")
 
 
-def _wrk(port: int, mode: str, seconds: float, replay: bool) -> float:
+def _cpu(pid: int) -> float:
+    """Seconds of CPU the process ``pid`` has used (user and system), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wrk(
+    server: tuple[subprocess.Popen[bytes], int], mode: str, seconds: float, replay: bool
+) -> tuple[float, float]:
+    proc, port = server
     nonce = secrets.token_hex(4)
     if replay:  # the keys the replay load cycles over, sent once first
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -214,6 +227,7 @@ def _wrk(port: int, mode: str, seconds: float, replay: bool) -> float:
                 raise SystemExit(f"the {mode} server answered {answer.status} to a first request")
         conn.close()
     load = "replay" if replay else "new"
+    cpu = _cpu(proc.pid)
     command = ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "-s", str(HERE / "load.lua")]
     command += [f"http://127.0.0.1:{port}", "--", load, nonce, str(REPLAY_KEYS), "acme"]
     result = subprocess.run(_pin("1", command), capture_output=True, text=True, check=True)
@@ -223,8 +237,9 @@ def _wrk(port: int, mode: str, seconds: float, replay: bool) -> float:
             errors = sum(report[k] for k in report if k.endswith("errors") or k == "timeouts")
             if errors:
                 raise SystemExit(f"wrk saw errors on {mode}: {report}")
+            used = _cpu(proc.pid) - cpu
             rate: float = report["requests"] / (report["duration_us"] / 1e6)
-            return rate
+            return rate, used / report["requests"] * 1e6
     raise SystemExit(f"wrk printed no BENCH line for {mode}:\n{result.stdout}{result.stderr}")
 
 
@@ -240,7 +255,7 @@ def over_http(rounds: int, seconds: float) -> Results:
         for round_ in range(rounds):
             for replay in (False, True):
                 for mode in MODES if round_ % 2 == 0 else tuple(reversed(MODES)):
-                    results[(mode, replay)].append(_wrk(servers[mode][1], mode, seconds, replay))
+                    results[(mode, replay)].append(_wrk(servers[mode], mode, seconds, replay))
         logged = (scratch / "metrics-logs" / "decisions.log").stat().st_size
         print(f"decision log of metrics+logs: {logged:,} bytes")
     finally:
@@ -256,25 +271,34 @@ def over_http(rounds: int, seconds: float) -> Results:
 
 def report(where: str, rounds: int, seconds: float, results: Results) -> None:
     print(f"{where}: {rounds} rounds of {seconds:g} s per mode, alternated")
-    print("requests/s median (min-max); ratio to off: median of the rounds' ratios (min-max)")
+    print("requests/s: median of the rounds (min-max), ratio to off: median of each round's")
+    print("ratio to the off beside it (min-max); CPU µs per request: median (min-max), and what")
+    print("the mode adds to off's (median of the rounds' differences)")
     for replay in (False, True):
-        off = results[("off", replay)]
+        off = [rate for rate, _ in results[("off", replay)]]
+        off_cpu = [cpu for _, cpu in results[("off", replay)]]
         base = statistics.median(off)
         noise = (max(off) - min(off)) / base * 100
-        print(
-            f"{'replays' if replay else 'new keys'} (off's own spread {noise:.1f} % of its median)"
-        )
+        cpu_noise = (max(off_cpu) - min(off_cpu)) / statistics.median(off_cpu) * 100
+        kind = "replays" if replay else "new keys"
+        print(f"{kind} (off's own spread: {noise:.1f} % of its requests/s, {cpu_noise:.1f} % CPU)")
         for mode in MODES:
-            values = results[(mode, replay)]
+            values = [rate for rate, _ in results[(mode, replay)]]
+            cpus = [cpu for _, cpu in results[(mode, replay)]]
             median = statistics.median(values)
             line = f"  {mode:<13} {median:9,.0f} ({min(values):,.0f}-{max(values):,.0f})"
             if mode != "off":
                 ratios = [v / o for v, o in zip(values, off, strict=True)]
                 ratio = statistics.median(ratios)
                 line += f"  x{ratio:.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
-                line += f"  {(1 - ratio) * 100:+5.1f} % cost"
-                added = [1e6 / v - 1e6 / o for v, o in zip(values, off, strict=True)]
-                line += f"  {statistics.median(added):+.1f} µs/request"
+            else:
+                line += " " * 22
+            line += f"  {statistics.median(cpus):6.1f} µs ({min(cpus):.1f}-{max(cpus):.1f})"
+            if mode != "off":
+                added = [c - o for c, o in zip(cpus, off_cpu, strict=True)]
+                fewer = (1 - statistics.median(off_cpu) / statistics.median(cpus)) * 100
+                line += f"  {statistics.median(added):+5.1f} µs"
+                line += f" ({fewer:.1f} % fewer requests per CPU second)"
             print(line)
 
 

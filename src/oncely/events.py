@@ -11,6 +11,7 @@ Stores that can answer questions about what they hold implement :class:`Inspecta
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Literal, Protocol, get_args, runtime_checkable
@@ -273,7 +274,7 @@ class Decision:
         if found is None:
             raw = self._key
             if raw is not None:
-                found = _keys.key_hash(raw)
+                found = _key_hash(raw)
                 _d_key_hash(self, found)
                 _d_key(self, None)
         return found
@@ -285,7 +286,7 @@ class Decision:
         if found is None:
             raw = self._tenant
             if raw is not None:
-                found = _keys.tenant_hash(raw)
+                found = _tenant_hash(raw)
                 _d_tenant_hash(self, found)
                 _d_tenant(self, None)
         return found
@@ -326,6 +327,33 @@ class Decision:
 
     def __reduce__(self) -> tuple[type[Decision], tuple[object, ...]]:
         return (Decision, self._fields())
+
+
+# The keyed hashes of oncely._keys (key_hash, tenant_hash), the key and personalisation taken
+# in once: each hash copies that state instead of keying a new one. A process sees few tenants,
+# so their hashes are kept (up to _TENANTS of them).
+_KEY_STATE = hashlib.blake2b(key=_keys._SECRET, digest_size=8, person=b"oncely-key")
+_TENANT_STATE = hashlib.blake2b(key=_keys._SECRET, digest_size=8, person=b"oncely-tenant")
+_TENANTS = 1024
+_tenant_hashes: dict[str, str] = {}
+
+
+def _key_hash(storage_key: str) -> str:
+    state = _KEY_STATE.copy()
+    state.update(storage_key.encode("utf-8", "surrogatepass"))
+    return state.hexdigest()
+
+
+def _tenant_hash(tenant: str) -> str:
+    found = _tenant_hashes.get(tenant)
+    if found is None:
+        state = _TENANT_STATE.copy()
+        state.update(tenant.encode("utf-8", "surrogatepass"))
+        found = state.hexdigest()
+        if len(_tenant_hashes) >= _TENANTS:
+            _tenant_hashes.clear()
+        _tenant_hashes[tenant] = found
+    return found
 
 
 _new = object.__new__
