@@ -317,11 +317,7 @@ class Watch:
         """The decision ``outcome`` comes to."""
         size: int | None = None
         name: OutcomeName
-        if isinstance(outcome, Replay):
-            name, size = "replayed", len(outcome.response.body)
-        elif isinstance(outcome, Refuse):
-            name = _problem_outcome(outcome.error)
-        elif isinstance(outcome, Fresh):
+        if isinstance(outcome, Fresh):  # the two common outcomes first, and their status
             if outcome.superseded or outcome.lost_lease:
                 name = "lease_lost"
             elif outcome.store_error is not None:
@@ -330,6 +326,14 @@ class Watch:
                 name, size = "executed", self.kept_size
             else:
                 name = "released_error"  # an error status, not kept: the key was freed
+            ran = self.ran
+            if isinstance(ran, Ran):
+                return self._decision(name, ran.status, size)
+        elif isinstance(outcome, Replay):
+            response = outcome.response
+            return self._decision("replayed", response.status, len(response.body))
+        elif isinstance(outcome, Refuse):
+            name = _problem_outcome(outcome.error)
         elif isinstance(outcome, Failed):
             if outcome.store_error is not None:
                 name = "store_unavailable"

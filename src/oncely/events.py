@@ -247,20 +247,17 @@ class Decision:
         """The core's decision: its key and tenant hashed from ``storage_key`` and ``tenant``
         when first read."""
         self = _new(cls)
-        _init_decision(
-            self,
-            outcome,
-            route,
-            surface,
-            store,
-            method,
-            attempt,
-            status,
-            store_seconds,
-            total_seconds,
-            response_size,
-            operations,
-        )
+        _d_outcome(self, outcome)
+        _d_route(self, route)
+        _d_surface(self, surface)
+        _d_store(self, store)
+        _d_method(self, method)
+        _d_attempt(self, attempt)
+        _d_status(self, status)
+        _d_store_seconds(self, store_seconds)
+        _d_total_seconds(self, total_seconds)
+        _d_response_size(self, response_size)
+        _d_operations(self, operations)
         _d_key_hash(self, None)
         _d_tenant_hash(self, None)
         _d_key(self, storage_key)
