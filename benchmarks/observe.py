@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/observe.py --quick             # in process, 5 rounds of 1 s
     .venv/bin/python benchmarks/observe.py                     # in process, 15 rounds of 2 s
+    .venv/bin/python benchmarks/observe.py --app --quick       # in process, the benchmark app
     .venv/bin/python benchmarks/observe.py --server --quick    # over HTTP, 3 rounds of 3 s
     .venv/bin/python benchmarks/observe.py --server            # over HTTP, 7 rounds of 5 s
 
@@ -15,7 +16,9 @@ that a machine that slows down slows every mode alike:
 
 In process (the default), the light handler (a JSON 201) behind ``oncely.asgi`` on the memory
 store is called straight through ASGI: no server, no sockets, the worst case for overhead
-since nothing else takes time.
+since nothing else takes time. With ``--app``, the benchmark app of ``--server`` instead
+(Starlette, its payments endpoint parsing and validating a 325-byte payment), called the same
+way: what a server adds is left out.
 
 With ``--server``, each mode is its own uvicorn server running the benchmark app
 (``benchmarks/app.py``: its payments endpoint behind oncely on the memory store, the mode given
@@ -77,7 +80,18 @@ async def handler(scope: MutableMapping[str, Any], receive: Any, send: Any) -> N
     await send({"type": "http.response.body", "body": b'{"id":"pay_1","status":"ok"}'})
 
 
-def make_app(mode: str) -> Any:
+def make_app(mode: str, bench_app: bool = False) -> tuple[Any, bytes, bytes]:
+    """The app of one mode in process, the body it is sent, and its tenant header: the light
+    handler behind ``oncely.asgi``, or (``bench_app``) the benchmark app of ``--server``."""
+    if bench_app:
+        os.environ.update(BENCH_TARGET="oncely", BENCH_STORE="memory", BENCH_PREFIX="observe")
+        os.environ["BENCH_SCRATCH"] = tempfile.mkdtemp(prefix="oncely-observe-")
+        os.environ["BENCH_OBSERVE"] = "off" if mode == "off" else "metrics"  # logs: ours
+        sys.path.insert(0, str(HERE))
+        import app as bench
+
+        return bench.build(), LUA_BODY, b"x-tenant-id"
+
     from prometheus_client import CollectorRegistry
 
     from oncely import tenant_from_header
@@ -85,19 +99,24 @@ def make_app(mode: str) -> Any:
     from oncely.metrics import Metrics
 
     hooks = [] if mode == "off" else [Metrics(registry=CollectorRegistry())]
-    return IdempotencyMiddleware(
+    app = IdempotencyMiddleware(
         handler, store="memory:", tenant=tenant_from_header("X-Tenant"), on_decision=hooks
     )
+    return app, BODY, b"x-tenant"
 
 
-async def rate(app: Any, seconds: float, replay: bool, salt: str) -> tuple[float, float]:
+async def rate(
+    target: tuple[Any, bytes, bytes], seconds: float, replay: bool, salt: str
+) -> tuple[float, float]:
+    app, body, tenant_header = target
+    length = str(len(body)).encode()
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
         sent.append(message)
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": BODY, "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     n = 0
     end = time.perf_counter() + seconds
@@ -109,12 +128,13 @@ async def rate(app: Any, seconds: float, replay: bool, salt: str) -> tuple[float
                 "type": "http",
                 "method": "POST",
                 "path": "/payments",
+                "root_path": "",
                 "query_string": b"",
                 "headers": [
                     (b"idempotency-key", key.encode()),
-                    (b"x-tenant", b"acme"),
+                    (tenant_header, b"acme"),
                     (b"content-type", b"application/json"),
-                    (b"content-length", str(len(BODY)).encode()),
+                    (b"content-length", length),
                 ],
             }
             await app(scope, receive, send)
@@ -138,8 +158,8 @@ def logging_for(mode: str, path: str) -> logging.Handler | None:
     return handler
 
 
-async def in_process(rounds: int, seconds: float) -> Results:
-    apps = {m: make_app(m) for m in MODES}
+async def in_process(rounds: int, seconds: float, bench_app: bool) -> Results:
+    apps = {m: make_app(m, bench_app) for m in MODES}
     results: Results = {(m, r): [] for m in MODES for r in (False, True)}
     log_path = os.path.join(tempfile.mkdtemp(prefix="oncely-observe-"), "decisions.log")
     for round_ in range(rounds):
@@ -310,6 +330,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--server", action="store_true", help="uvicorn servers loaded by wrk")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    parser.add_argument(
+        "--app", action="store_true", help="in process, the benchmark app instead (app.py)"
+    )
     parser.add_argument("--rounds", type=int, help="rounds per mode")
     parser.add_argument("--seconds", type=float, help="seconds per round")
     args = parser.parse_args()
@@ -321,8 +344,9 @@ def main() -> None:
     if args.server:
         report("over HTTP", rounds, seconds, over_http(rounds, seconds))
     else:
-        results = asyncio.run(in_process(rounds, seconds))
-        report("in process", rounds, seconds, results)
+        results = asyncio.run(in_process(rounds, seconds, args.app))
+        where = "in process, the benchmark app" if args.app else "in process, the light handler"
+        report(where, rounds, seconds, results)
 
 
 if __name__ == "__main__":
