@@ -33,11 +33,13 @@ test: lint typecheck
 demo: $(STAMP)
 	$(BIN)/python -m oncely_payments.demo $(ARGS)
 
-# The nemesis (about 5 minutes): several service processes on each store under SIGKILL,
-# SIGSTOP, store connection faults and duplicated retries, then an audit (docs/nemesis.md);
-# make nemesis ARGS="--store postgresql --duration 60 --json nemesis.json"
+# The nemesis (about 5 minutes): SQLite, PostgreSQL and Redis in turn (85 s of faults each),
+# several service processes on each store under SIGKILL, SIGSTOP, store connection faults and
+# duplicated retries, then an audit; ends with one audit line per store (docs/nemesis.md);
+# make nemesis STORE=redis DURATION=60, or make nemesis ARGS="--store redis --json nemesis.json"
 nemesis: $(STAMP)
-	$(BIN)/python -m oncely_payments.nemesis $(ARGS)
+	$(BIN)/python -m oncely_payments.nemesis $(if $(STORE),--store $(STORE)) \
+		$(if $(DURATION),--duration $(DURATION)) $(ARGS)
 
 # Load benchmarks (by hand, minutes; see benchmarks/README.md): make bench ARGS="--quick"
 bench:

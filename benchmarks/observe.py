@@ -1,26 +1,38 @@
 """What watching every decision costs: requests/s with metrics and decision logging on and off.
 
-    .venv/bin/python benchmarks/observe.py --quick     # 5 rounds of 1 s per mode
-    .venv/bin/python benchmarks/observe.py             # 15 rounds of 2 s per mode
-    .venv/bin/python benchmarks/observe.py --server    # uvicorn + wrk, 5 rounds of 5 s per mode
+    .venv/bin/python benchmarks/observe.py --quick             # in process, 5 rounds of 1 s
+    .venv/bin/python benchmarks/observe.py                     # in process, 15 rounds of 2 s
+    .venv/bin/python benchmarks/observe.py --app --quick       # in process, the benchmark app
+    .venv/bin/python benchmarks/observe.py --server --quick    # over HTTP, 3 rounds of 3 s
+    .venv/bin/python benchmarks/observe.py --server            # over HTTP, 7 rounds of 5 s
 
-In one process and one run, the light handler (a JSON 201) behind ``oncely.asgi`` on the memory
-store is called straight through ASGI (no server, no sockets: the worst case for overhead,
-since nothing else takes time). Modes alternate round by round, so a machine that slows down
-slows every mode alike:
+Three modes, measured in one run, rounds alternated (the order reversed every other round) so
+that a machine that slows down slows every mode alike:
 
 - ``off``: no ``on_decision`` hook, ``oncely.decisions`` not enabled (nothing is built);
 - ``metrics``: ``oncely.metrics.Metrics`` as the hook;
 - ``metrics+logs``: the hook, and one JSON line per decision (``oncely.logs.JSONFormatter``)
   to a file.
 
-With ``--server``, each mode is its own uvicorn server instead (one worker, uvloop, httptools,
-no access log, pinned to CPU 0 where ``taskset`` exists) and wrk, another process pinned to
-CPU 1, loads it with ``load.lua`` (32 connections); rounds alternate the servers in the same way.
+In process (the default), the light handler (a JSON 201) behind ``oncely.asgi`` on the memory
+store is called straight through ASGI: no server, no sockets, the worst case for overhead
+since nothing else takes time. With ``--app``, the benchmark app of ``--server`` instead
+(Starlette, its payments endpoint parsing and validating a 325-byte payment), called the same
+way: what a server adds is left out.
+
+With ``--server``, each mode is its own uvicorn server running the benchmark app
+(``benchmarks/app.py``: its payments endpoint behind oncely on the memory store, the mode given
+as ``BENCH_OBSERVE``; one worker, uvloop, httptools, no access log, pinned to CPU 0 where
+``taskset`` exists) and wrk, another process pinned to CPU 1, loads it with ``load.lua`` (32
+connections). Needs wrk (Debian: apt-get install wrk).
 
 Each mode runs with new keys (claim, run, complete) and with replays (claim finds the answer).
-Prints requests/s per mode (median of the rounds, and the spread min-max) and the cost of each
-mode against ``off``.
+Prints, per mode, requests/s (median of the rounds, min-max) and the ratio to ``off``: the
+median of each round's ratio to the ``off`` measured beside it, with the min-max of those
+ratios; the spread of ``off`` itself round to round is the machine's noise. And the CPU time
+per request (in process: the benchmark thread's; over HTTP: the server process's, from /proc),
+which other processes sharing the machine disturb much less than requests/s: the microseconds
+each mode adds to ``off``.
 """
 
 from __future__ import annotations
@@ -40,14 +52,18 @@ import sys
 import tempfile
 import time
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
+MODES = ("off", "metrics", "metrics+logs")
+HERE = Path(__file__).resolve().parent
+REPLAY_KEYS = 16
+TIMEOUTS = dict.fromkeys(MODES, 0)  # per mode, over HTTP: requests wrk gave up on after 2 s
+#: (mode, replay) -> per round: requests/s (wall clock), and CPU microseconds per request
+Results = dict[tuple[str, bool], list[tuple[float, float]]]
 
-from oncely import tenant_from_header
-from oncely.asgi import IdempotencyMiddleware
-from oncely.logs import JSONFormatter
-from oncely.metrics import Metrics
+
+# -- in process ------------------------------------------------------------------------------
 
 BODY = b'{"amount":100,"currency":"EUR"}'
 
@@ -64,32 +80,47 @@ async def handler(scope: MutableMapping[str, Any], receive: Any, send: Any) -> N
     await send({"type": "http.response.body", "body": b'{"id":"pay_1","status":"ok"}'})
 
 
-def make_app(mode: str, tenant_header: str = "X-Tenant") -> IdempotencyMiddleware:
+def make_app(mode: str, bench_app: bool = False) -> tuple[Any, bytes, bytes]:
+    """The app of one mode in process, the body it is sent, and its tenant header: the light
+    handler behind ``oncely.asgi``, or (``bench_app``) the benchmark app of ``--server``."""
+    if bench_app:
+        os.environ.update(BENCH_TARGET="oncely", BENCH_STORE="memory", BENCH_PREFIX="observe")
+        os.environ["BENCH_SCRATCH"] = tempfile.mkdtemp(prefix="oncely-observe-")
+        os.environ["BENCH_OBSERVE"] = "off" if mode == "off" else "metrics"  # logs: ours
+        sys.path.insert(0, str(HERE))
+        import app as bench
+
+        return bench.build(), LUA_BODY, b"x-tenant-id"
+
+    from prometheus_client import CollectorRegistry
+
+    from oncely import tenant_from_header
+    from oncely.asgi import IdempotencyMiddleware
+    from oncely.metrics import Metrics
+
     hooks = [] if mode == "off" else [Metrics(registry=CollectorRegistry())]
-    return IdempotencyMiddleware(
-        handler, store="memory:", tenant=tenant_from_header(tenant_header), on_decision=hooks
+    app = IdempotencyMiddleware(
+        handler, store="memory:", tenant=tenant_from_header("X-Tenant"), on_decision=hooks
     )
+    return app, BODY, b"x-tenant"
 
 
-def build() -> IdempotencyMiddleware:
-    """The app of one ``--server`` mode, for ``uvicorn --factory observe:build``."""
-    mode = os.environ["OBSERVE_MODE"]
-    logging_for(mode, os.environ["OBSERVE_LOG"])
-    return make_app(mode, tenant_header="X-Tenant-Id")
-
-
-async def rate(app: IdempotencyMiddleware, seconds: float, replay: bool, salt: str) -> float:
+async def rate(
+    target: tuple[Any, bytes, bytes], seconds: float, replay: bool, salt: str
+) -> tuple[float, float]:
+    app, body, tenant_header = target
+    length = str(len(body)).encode()
     sent: list[Any] = []
 
     async def send(message: Any) -> None:
         sent.append(message)
 
     async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": BODY, "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     n = 0
     end = time.perf_counter() + seconds
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     while time.perf_counter() < end:
         for _ in range(100):
             key = f"{salt}-replay" if replay else f"{salt}-{n}"
@@ -97,21 +128,25 @@ async def rate(app: IdempotencyMiddleware, seconds: float, replay: bool, salt: s
                 "type": "http",
                 "method": "POST",
                 "path": "/payments",
+                "root_path": "",
                 "query_string": b"",
                 "headers": [
                     (b"idempotency-key", key.encode()),
-                    (b"x-tenant", b"acme"),
+                    (tenant_header, b"acme"),
                     (b"content-type", b"application/json"),
-                    (b"content-length", str(len(BODY)).encode()),
+                    (b"content-length", length),
                 ],
             }
             await app(scope, receive, send)
             n += 1
         sent.clear()
-    return n / (time.perf_counter() - start)
+    wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
+    return n / wall, cpu / n * 1e6
 
 
 def logging_for(mode: str, path: str) -> logging.Handler | None:
+    from oncely.logs import JSONFormatter
+
     logger = logging.getLogger("oncely")
     if mode != "metrics+logs":
         logger.setLevel(logging.WARNING)
@@ -123,135 +158,13 @@ def logging_for(mode: str, path: str) -> logging.Handler | None:
     return handler
 
 
-MODES = ["off", "metrics", "metrics+logs"]
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPLAY_KEYS = 16
-
-
-def _lua_body() -> bytes:
-    """The body load.lua sends, so the answers sent before a replay round have its fingerprint."""
-    with open(os.path.join(HERE, "load.lua")) as f:
-        text = f.read()
-    return text.split("body = [[", 1)[1].split("]]", 1)[0].encode()
-
-
-def _pinned(cpu: int, argv: list[str]) -> list[str]:
-    return ["taskset", "-c", str(cpu), *argv] if shutil.which("taskset") else argv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _post(port: int, key: str) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        headers = {"Idempotency-Key": key, "X-Tenant-Id": "acme"}
-        headers["Content-Type"] = "application/json"
-        conn.request("POST", "/payments", body=_lua_body(), headers=headers)
-        return conn.getresponse().status
-    finally:
-        conn.close()
-
-
-def _start(mode: str, log_dir: str) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    env = {
-        **os.environ,
-        "OBSERVE_MODE": mode,
-        "OBSERVE_LOG": os.path.join(log_dir, f"{mode}.log"),
-        "PYTHONPATH": HERE,
-    }
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "observe:build", "--port", str(port)]
-    argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
-    server = subprocess.Popen(_pinned(0, argv), env=env, cwd=HERE)
-    for _ in range(200):
-        try:
-            if _post(port, f"warmup-{MODES.index(mode)}") == 201:
-                return server, port
-        except OSError:
-            time.sleep(0.05)
-    server.kill()
-    raise SystemExit(f"the {mode} server did not start")
-
-
-def _wrk(port: int, seconds: float, replay: bool, nonce: str) -> float:
-    if replay:
-        for n in range(REPLAY_KEYS):
-            _post(port, f"{nonce}-{n}")
-    argv = ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "-s", os.path.join(HERE, "load.lua")]
-    argv += [f"http://127.0.0.1:{port}", "--", "replay" if replay else "new", nonce]
-    argv += [str(REPLAY_KEYS), "acme"]
-    out = subprocess.run(_pinned(1, argv), capture_output=True, text=True, check=True).stdout
-    line = next(x for x in out.splitlines() if x.startswith("BENCH "))
-    result = json.loads(line[6:])
-    if result["status_errors"]:
-        raise SystemExit(f"wrk saw non-2xx answers: {result}")
-    errors = sum(result[k] for k in ("connect_errors", "read_errors", "write_errors"))
-    if errors or result["status_errors"] or result["timeouts"]:
-        raise SystemExit(f"wrk saw errors: {result}")
-    return float(result["requests"]) / (result["duration_us"] / 1e6)
-
-
-def servers(rounds: int, seconds: float) -> dict[tuple[str, bool], list[float]]:
-    if shutil.which("wrk") is None:
-        raise SystemExit("--server needs wrk (apt-get install -y wrk)")
-    log_dir = tempfile.mkdtemp(prefix="oncely-observe-")
-    started = {m: _start(m, log_dir) for m in MODES}
-    results: dict[tuple[str, bool], list[float]] = {(m, r): [] for m in MODES for r in (0, 1)}
-    try:
-        for round_ in range(rounds):
-            for replay in (False, True):
-                for mode in MODES if round_ % 2 == 0 else reversed(MODES):
-                    nonce = f"m{MODES.index(mode)}-{round_}-{secrets.token_hex(3)}"
-                    port = started[mode][1]
-                    results[(mode, replay)].append(_wrk(port, seconds, replay, nonce))
-    finally:
-        for server, _ in started.values():
-            server.terminate()
-            server.wait(10)
-    logged = os.path.getsize(os.path.join(log_dir, "metrics+logs.log"))
-    print(f"decision log of metrics+logs: {logged} bytes")
-    return results
-
-
-def report(rounds: int, seconds: float, results: dict[tuple[str, bool], list[float]]) -> None:
-    print(f"{rounds} rounds of {seconds:g} s per mode; requests/s, median (min-max)")
-    for replay in (False, True):
-        print("replays" if replay else "new keys")
-        base = statistics.median(results[("off", replay)])
-        for mode in MODES:
-            values = results[(mode, replay)]
-            median = statistics.median(values)
-            cost = (1 - median / base) * 100
-            print(
-                f"  {mode:<13} {median:8.0f} ({min(values):.0f}-{max(values):.0f})"
-                f"  {cost:+5.1f} % vs off"
-            )
-
-
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="5 rounds of 1 s per mode")
-    parser.add_argument("--server", action="store_true", help="uvicorn servers loaded by wrk")
-    parser.add_argument("--rounds", type=int, help="rounds per mode")
-    parser.add_argument("--seconds", type=float, help="seconds per round")
-    args = parser.parse_args()
-    if args.server:
-        rounds, seconds = args.rounds or 5, args.seconds or 5.0
-        report(rounds, seconds, servers(rounds, seconds))
-        return
-    rounds, seconds = (5, 1.0) if args.quick else (15, 2.0)
-    rounds, seconds = args.rounds or rounds, args.seconds or seconds
-    modes = MODES
-    apps = {m: make_app(m) for m in modes}
-    results: dict[tuple[str, bool], list[float]] = {(m, r): [] for m in modes for r in (0, 1)}
+async def in_process(rounds: int, seconds: float, bench_app: bool) -> Results:
+    apps = {m: make_app(m, bench_app) for m in MODES}
+    results: Results = {(m, r): [] for m in MODES for r in (False, True)}
     log_path = os.path.join(tempfile.mkdtemp(prefix="oncely-observe-"), "decisions.log")
     for round_ in range(rounds):
         for replay in (False, True):
-            for mode in modes if round_ % 2 == 0 else reversed(modes):
+            for mode in MODES if round_ % 2 == 0 else tuple(reversed(MODES)):
                 handler = logging_for(mode, log_path)
                 try:
                     salt = f"{mode}-{round_}"
@@ -260,8 +173,181 @@ async def main() -> None:
                     if handler is not None:
                         logging.getLogger("oncely").removeHandler(handler)
                         handler.close()
-    report(rounds, seconds, results)
+    return results
+
+
+# -- over HTTP -------------------------------------------------------------------------------
+
+LUA_BODY = (HERE / "load.lua").read_text().split("body = [[", 1)[1].split("]]", 1)[0].encode()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pin(cpu: str, command: list[str]) -> list[str]:
+    return ["taskset", "-c", cpu, *command] if shutil.which("taskset") else command
+
+
+def _serve(mode: str, scratch: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = _port()
+    workdir = scratch / mode.replace("+", "-")
+    workdir.mkdir()
+    env = {
+        **os.environ,
+        "BENCH_TARGET": "oncely",
+        "BENCH_STORE": "memory",
+        "BENCH_OBSERVE": mode,
+        "BENCH_SCRATCH": str(workdir),
+        "BENCH_PREFIX": "observe",
+    }
+    command = [sys.executable, "-m", "uvicorn", "--factory", "app:build", "--port", str(port)]
+    command += ["--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level"]
+    command += ["warning"]
+    proc = subprocess.Popen(_pin("0", command), cwd=HERE, env=env)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", "/_bench")
+            conn.getresponse().read()
+            return proc, port
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit(f"the {mode} server did not start")
+
+
+def _cpu(pid: int) -> float:
+    """Seconds of CPU the process ``pid`` has used (user and system), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _wrk(
+    server: tuple[subprocess.Popen[bytes], int], mode: str, seconds: float, replay: bool
+) -> tuple[float, float]:
+    proc, port = server
+    nonce = secrets.token_hex(4)
+    if replay:  # the keys the replay load cycles over, sent once first
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for n in range(REPLAY_KEYS):
+            headers = {
+                "Content-Type": "application/json",
+                "X-Tenant-Id": "acme",
+                "Idempotency-Key": f"{nonce}-{n}",
+            }
+            conn.request("POST", "/payments", body=LUA_BODY, headers=headers)
+            answer = conn.getresponse()
+            answer.read()
+            if answer.status != 201:
+                raise SystemExit(f"the {mode} server answered {answer.status} to a first request")
+        conn.close()
+    load = "replay" if replay else "new"
+    cpu = _cpu(proc.pid)
+    command = ["wrk", "-t1", "-c32", f"-d{seconds:g}s", "-s", str(HERE / "load.lua")]
+    command += [f"http://127.0.0.1:{port}", "--", load, nonce, str(REPLAY_KEYS), "acme"]
+    result = subprocess.run(_pin("1", command), capture_output=True, text=True, check=True)
+    for line in result.stdout.splitlines():
+        if line.startswith("BENCH "):
+            report = json.loads(line[6:])
+            errors = sum(report[k] for k in report if k.endswith("errors"))
+            if errors:
+                raise SystemExit(f"wrk saw errors on {mode}: {report}")
+            TIMEOUTS[mode] += report["timeouts"]  # answers slower than wrk's 2 s: reported
+            used = _cpu(proc.pid) - cpu
+            rate: float = report["requests"] / (report["duration_us"] / 1e6)
+            return rate, used / report["requests"] * 1e6
+    raise SystemExit(f"wrk printed no BENCH line for {mode}:\n{result.stdout}{result.stderr}")
+
+
+def over_http(rounds: int, seconds: float) -> Results:
+    if shutil.which("wrk") is None:
+        raise SystemExit("--server needs wrk (Debian: apt-get install wrk)")
+    scratch = Path(tempfile.mkdtemp(prefix="oncely-observe-http-"))
+    servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    results: Results = {(m, r): [] for m in MODES for r in (False, True)}
+    try:
+        for mode in MODES:
+            servers[mode] = _serve(mode, scratch)
+        for round_ in range(rounds):
+            for replay in (False, True):
+                for mode in MODES if round_ % 2 == 0 else tuple(reversed(MODES)):
+                    results[(mode, replay)].append(_wrk(servers[mode], mode, seconds, replay))
+        logged = (scratch / "metrics-logs" / "decisions.log").stat().st_size
+        print(f"decision log of metrics+logs: {logged:,} bytes")
+        if any(TIMEOUTS.values()):
+            print(f"requests wrk gave up on after 2 s (an overloaded machine): {TIMEOUTS}")
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(10)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def report(where: str, rounds: int, seconds: float, results: Results) -> None:
+    print(f"{where}: {rounds} rounds of {seconds:g} s per mode, alternated")
+    print("requests/s: median of the rounds (min-max), ratio to off: median of each round's")
+    print("ratio to the off beside it (min-max); CPU µs per request: median (min-max), and what")
+    print("the mode adds to off's (median of the rounds' differences)")
+    for replay in (False, True):
+        off = [rate for rate, _ in results[("off", replay)]]
+        off_cpu = [cpu for _, cpu in results[("off", replay)]]
+        base = statistics.median(off)
+        noise = (max(off) - min(off)) / base * 100
+        cpu_noise = (max(off_cpu) - min(off_cpu)) / statistics.median(off_cpu) * 100
+        kind = "replays" if replay else "new keys"
+        print(f"{kind} (off's own spread: {noise:.1f} % of its requests/s, {cpu_noise:.1f} % CPU)")
+        for mode in MODES:
+            values = [rate for rate, _ in results[(mode, replay)]]
+            cpus = [cpu for _, cpu in results[(mode, replay)]]
+            median = statistics.median(values)
+            line = f"  {mode:<13} {median:9,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+            if mode != "off":
+                ratios = [v / o for v, o in zip(values, off, strict=True)]
+                ratio = statistics.median(ratios)
+                line += f"  x{ratio:.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
+            else:
+                line += " " * 22
+            line += f"  {statistics.median(cpus):6.1f} µs ({min(cpus):.1f}-{max(cpus):.1f})"
+            if mode != "off":
+                added = [c - o for c, o in zip(cpus, off_cpu, strict=True)]
+                fewer = (1 - statistics.median(off_cpu) / statistics.median(cpus)) * 100
+                line += f"  {statistics.median(added):+5.1f} µs"
+                line += f" ({fewer:.1f} % fewer requests per CPU second)"
+            print(line)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--server", action="store_true", help="uvicorn servers loaded by wrk")
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
+    parser.add_argument(
+        "--app", action="store_true", help="in process, the benchmark app instead (app.py)"
+    )
+    parser.add_argument("--rounds", type=int, help="rounds per mode")
+    parser.add_argument("--seconds", type=float, help="seconds per round")
+    args = parser.parse_args()
+    if args.server:
+        rounds, seconds = (3, 3.0) if args.quick else (7, 5.0)
+    else:
+        rounds, seconds = (5, 1.0) if args.quick else (15, 2.0)
+    rounds, seconds = args.rounds or rounds, args.seconds or seconds
+    if args.server:
+        report("over HTTP", rounds, seconds, over_http(rounds, seconds))
+    else:
+        results = asyncio.run(in_process(rounds, seconds, args.app))
+        where = "in process, the benchmark app" if args.app else "in process, the light handler"
+        report(where, rounds, seconds, results)
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

@@ -13,8 +13,10 @@ For each durable store (SQLite, PostgreSQL, Redis; ``--store`` picks):
 2. runs the phases of ``stores.py`` (claim new, complete, replay; 32 clients) on an empty store and
    on the full one, alternated ``--rounds`` times, and reports each side's median and the ratio;
 3. fills another store with N records that expire at once, then runs live claim + complete
-   traffic alone, and again while ``purge(limit=1000)`` runs in a loop until nothing is left:
-   the live p99 alone and during the purge, and how long the purge took.
+   traffic alone, and again while ``purge(limit=--purge-batch)`` runs in a loop until nothing is
+   left, paced as ``oncely purge`` paces it (``--purge-pause``: ``auto``, a pause as long as the
+   batch took, or seconds; repeat the flag to compare, each on a fresh fill): the live p99
+   alone and during the purge, and how long the purge took.
 
 Everything it wrote is removed at the end. The machine it runs on is shared: read the spread.
 """
@@ -147,7 +149,9 @@ async def live(store: AsyncStore, stop: asyncio.Event, concurrency: int) -> list
     return samples
 
 
-async def purge_under_load(target: Target, seconds: float, concurrency: int) -> dict[str, Any]:
+async def purge_under_load(
+    target: Target, seconds: float, concurrency: int, batch: int, pause: float | None
+) -> dict[str, Any]:
     store = target.open()
     try:
         stop = asyncio.Event()
@@ -159,10 +163,12 @@ async def purge_under_load(target: Target, seconds: float, concurrency: int) -> 
         task = asyncio.ensure_future(live(store, stop, concurrency))
         began, purged, batches = time.perf_counter(), 0, 0
         while True:
-            n = await store.purge(limit=1000)
+            t0 = time.perf_counter()
+            n = await store.purge(limit=batch)
             purged, batches = purged + n, batches + 1
-            if n == 0:
+            if n < batch:
                 break
+            await asyncio.sleep(time.perf_counter() - t0 if pause is None else pause)
         purge_seconds = time.perf_counter() - began
         stop.set()
         during = await task
@@ -181,45 +187,56 @@ def _median(rounds: list[dict[str, Any]], phase: str, field: str) -> float:
     return statistics.median(r[phase][field] for r in rounds)
 
 
+async def compare(kind: str, args: argparse.Namespace, empty: Target, full: Target) -> None:
+    """Bytes per record from the fill of ``full``; claims and replays, empty against full."""
+    before = await full.size() if kind == "redis" else 0
+    took = await fill(full, args.records, ttl=TTL, tombstone_ttl=TOMBSTONE_TTL)
+    per = (await full.size() - before) / args.records
+    print(
+        f"{kind}: filled {args.records:,} records in {took:.0f} s "
+        f"({args.records / took:,.0f}/s); {per:,.0f} bytes per record, "
+        f"{per * DAY / 1e9:,.0f} GB for a day at 1,000 req/s"
+    )
+    sides: dict[str, list[dict[str, Any]]] = {"empty": [], "full": []}
+    for round_ in range(args.rounds):
+        order = (empty, full) if round_ % 2 == 0 else (full, empty)
+        for target in order:
+            side = "empty" if target is empty else "full"
+            sides[side].append(
+                await _bench(target.url, target.options, args.seconds, args.concurrency)
+            )
+    for phase, label in (("claim_new", "claim new"), ("claim_replay", "replay")):
+        e, f = (_median(sides[s], phase, "per_s") for s in ("empty", "full"))
+        e99, f99 = (_median(sides[s], phase, "p99_ms") for s in ("empty", "full"))
+        spread = [r[phase]["per_s"] for r in sides["empty"] + sides["full"]]
+        print(
+            f"  {label:<9} empty {e:8,.0f}/s p99 {e99:6.2f} ms | {args.records:,} records "
+            f"{f:8,.0f}/s p99 {f99:6.2f} ms | full/empty {f / e:4.2f} "
+            f"(all runs {min(spread):,.0f}-{max(spread):,.0f}/s)"
+        )
+
+
 async def one_store(kind: str, args: argparse.Namespace, scratch: Path, run: str) -> None:
     empty, full, expired = (Target(kind, scratch, run, n) for n in ("empty", "full", "expired"))
     try:
-        before = await full.size() if kind == "redis" else 0
-        took = await fill(full, args.records, ttl=TTL, tombstone_ttl=TOMBSTONE_TTL)
-        per = (await full.size() - before) / args.records
-        print(
-            f"{kind}: filled {args.records:,} records in {took:.0f} s "
-            f"({args.records / took:,.0f}/s); {per:,.0f} bytes per record, "
-            f"{per * DAY / 1e9:,.0f} GB for a day at 1,000 req/s"
-        )
-        sides: dict[str, list[dict[str, Any]]] = {"empty": [], "full": []}
-        for round_ in range(args.rounds):
-            order = (empty, full) if round_ % 2 == 0 else (full, empty)
-            for target in order:
-                side = "empty" if target is empty else "full"
-                sides[side].append(
-                    await _bench(target.url, target.options, args.seconds, args.concurrency)
-                )
-        for phase, label in (("claim_new", "claim new"), ("claim_replay", "replay")):
-            e, f = (_median(sides[s], phase, "per_s") for s in ("empty", "full"))
-            e99, f99 = (_median(sides[s], phase, "p99_ms") for s in ("empty", "full"))
-            spread = [r[phase]["per_s"] for r in sides["empty"] + sides["full"]]
-            print(
-                f"  {label:<9} empty {e:8,.0f}/s p99 {e99:6.2f} ms | {args.records:,} records "
-                f"{f:8,.0f}/s p99 {f99:6.2f} ms | full/empty {f / e:4.2f} "
-                f"(all runs {min(spread):,.0f}-{max(spread):,.0f}/s)"
+        if not args.skip_compare:
+            await compare(kind, args, empty, full)
+        for pause in args.purge_pause or [None]:
+            await fill(expired, args.records, ttl=0.001, tombstone_ttl=0.0)
+            await asyncio.sleep(1.0)
+            p = await purge_under_load(
+                expired, args.seconds, args.concurrency, args.purge_batch, pause
             )
-        await fill(expired, args.records, ttl=0.001, tombstone_ttl=0.0)
-        await asyncio.sleep(1.0)
-        p = await purge_under_load(expired, args.seconds, args.concurrency)
-        if kind == "redis":  # records carry their own expiry (PEXPIREAT): Redis drops them
-            print("  (Redis drops expired records itself; purge only scans what is left)")
-        print(
-            f"  purge of {p['purged']:,} expired records: {p['purge_seconds']:.1f} s in "
-            f"{p['batches']:,} batches; live claim+complete p99 {p['alone']['p99_ms']:.2f} ms "
-            f"alone, {p['during']['p99_ms']:.2f} ms during the purge "
-            f"({p['alone']['per_s']:,.0f}/s alone, {p['during']['per_s']:,.0f}/s during)"
-        )
+            if kind == "redis":  # records carry their own expiry (PEXPIREAT): Redis drops them
+                print("  (Redis drops expired records itself; purge only scans what is left)")
+            paced = "auto" if pause is None else f"{pause:g} s"
+            print(
+                f"  purge of {p['purged']:,} expired records (batches of {args.purge_batch:,}, "
+                f"pause {paced}): {p['purge_seconds']:.1f} s in {p['batches']:,} batches; "
+                f"live claim+complete p99 {p['alone']['p99_ms']:.2f} ms alone, "
+                f"{p['during']['p99_ms']:.2f} ms during the purge "
+                f"({p['alone']['per_s']:,.0f}/s alone, {p['during']['per_s']:,.0f}/s during)"
+            )
     finally:
         for target in (empty, full, expired):
             await target.remove()
@@ -232,6 +249,14 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per phase")
     parser.add_argument("--rounds", type=int, default=3, help="empty/full alternations")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--purge-batch", type=int, default=1000, help="records per purge batch")
+    parser.add_argument(
+        "--purge-pause",
+        action="append",
+        type=lambda t: None if t == "auto" else float(t),
+        help="auto (default: as long as the batch took) or seconds; repeat to compare",
+    )
+    parser.add_argument("--skip-compare", action="store_true", help="only the purge (and size)")
     args = parser.parse_args()
     if args.records < 1:
         parser.error("--records must be at least 1")

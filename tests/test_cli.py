@@ -115,12 +115,43 @@ async def test_inspect_stats_and_purge_on_every_store(store_args: list[str]) -> 
     assert json.loads(oncely("stats", *store_args, "--json").stdout)["expired"] == 0
 
 
+async def test_purge_pauses_between_batches(tmp_path: Path) -> None:
+    """Five expired records in batches of two: two pauses of 0.4 s (after the two full
+    batches), none after the last; with --pause 0 the same purge goes back to back."""
+
+    async def expire(path: Path) -> None:
+        store = AsyncSQLiteStore(path)
+        kept = StoredResponse(201, (), b"{}")
+        for n in range(5):
+            claim = await store.claim(storage_key("acme", f"old-{n}"), "v1:" + "c" * 64, lease=10)
+            assert isinstance(claim, Claimed)
+            assert await store.complete(claim, kept, ttl=0.001, tombstone_ttl=0.001)
+        await store.aclose()
+        await asyncio.sleep(0.01)
+
+    took = {}
+    for pause in ("0.4", "0"):
+        path = tmp_path / f"pause-{pause}.db"
+        await expire(path)
+        began = time.monotonic()
+        done = oncely(
+            "purge", "--store", f"sqlite:{path}", "--expired", "--batch", "2", "--pause", pause
+        )
+        took[pause] = time.monotonic() - began
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "purged 5 expired records"
+        assert done.stderr.count("purged ") == 3  # one progress line per batch
+    assert took["0.4"] >= 0.8 + took["0"] * 0.5, took
+
+
 @pytest.mark.parametrize(
     ("args", "status", "says"),
     [
         (["stats", "--store", "mongodb://x"], 2, "the known schemes are"),
         (["stats", "--store", "sqlite:"], 2, "needs a file"),
         (["purge", "--store", "memory:"], 2, "--expired"),
+        (["purge", "--store", "memory:", "--expired", "--pause", "soon"], 2, "--pause takes"),
+        (["purge", "--store", "memory:", "--expired", "--pause", "-1"], 2, "--pause takes"),
         (["migrate", "--store", "sqlite:x.db", "--schema", "s"], 2, "--schema is for PostgreSQL"),
         (["inspect", "--store", "memory:", "--key", "k"], 2, "--tenant"),
         (["stats", "--store", "redis://127.0.0.1:1/0"], 1, "Check the store URL"),

@@ -41,12 +41,11 @@ the handler returns, so a crash between your commit and that store also re-runs 
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import hashlib
 import inspect
 import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from ._codec import Claimed, StoredResponse
@@ -159,7 +158,9 @@ class Attempt:
         self._lease, self._store_timeout = lease, store_timeout
         self._ttl, self._tombstone_ttl = ttl, tombstone_ttl
         self._allowlist = header_allowlist
-        self._phases: dict[str, Any] = {name: json.loads(data) for name, data in claim.phases}
+        self._phases: dict[str, Any] = (
+            {name: json.loads(data) for name, data in claim.phases} if claim.phases else {}
+        )
         self.completed = False
 
     @property
@@ -305,29 +306,40 @@ class Attempt:
         self._phases[name] = json.loads(encoded)
 
 
-@contextlib.contextmanager
-def running(
-    store: Any,
-    claim: Claimed | None,
-    lease: Lease | None,
-    policy: Policy,
-    header_allowlist: frozenset[str],
-) -> Iterator[Attempt | None]:
+class running:  # used as a function: ``with running(...) as attempt``
     """The attempt of ``claim`` as :func:`current_attempt` while the app runs (None: the app
-    runs unprotected, with no attempt)."""
-    attempt = None
-    if claim is not None:
-        attempt = Attempt(
-            store,
-            claim,
-            ttl=policy.ttl,
-            tombstone_ttl=policy.tombstone_ttl,
-            header_allowlist=header_allowlist,
-            lease=lease,
-            store_timeout=policy.store_timeout,
+    runs unprotected, with no attempt).
+
+    A class, not a generator in ``contextlib.contextmanager``: it is entered once per request.
+    """
+
+    __slots__ = ("_attempt", "_reset")
+
+    def __init__(
+        self,
+        store: Any,
+        claim: Claimed | None,
+        lease: Lease | None,
+        policy: Policy,
+        header_allowlist: frozenset[str],
+    ) -> None:
+        self._attempt = (
+            None
+            if claim is None
+            else Attempt(
+                store,
+                claim,
+                ttl=policy.ttl,
+                tombstone_ttl=policy.tombstone_ttl,
+                header_allowlist=header_allowlist,
+                lease=lease,
+                store_timeout=policy.store_timeout,
+            )
         )
-    reset = _current.set(attempt)
-    try:
-        yield attempt
-    finally:
-        _current.reset(reset)
+
+    def __enter__(self) -> Attempt | None:
+        self._reset = _current.set(self._attempt)
+        return self._attempt
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._reset)

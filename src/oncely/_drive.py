@@ -14,16 +14,20 @@ outcome the flow gave it, so the client is answered while the write goes on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import contextvars
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from typing import Generic, TypeVar
 
 from ._codec import Claimed, Existing
 from ._errors import StoreUnavailable
 from ._flow import (
+    CLOCK,
     WRITE_RETRY_CAP,
     WRITE_RETRY_FIRST,
     AppFailed,
@@ -163,24 +167,116 @@ class BackgroundWrites(_Writes["asyncio.Task[object]"]):
             await asyncio.wait(set(self._running))
 
 
+class _Due:
+    """The lease renewals waiting for their time on one event loop, behind one timer.
+
+    Arming a renewal per request with ``call_later`` costs a timer handle (and a context copy)
+    that nearly every request cancels unused. Here arming is an append: renewals of one
+    interval fall due in the order they were armed, so each interval keeps a queue and the
+    loop keeps one timer, for the head of each queue. A renewal cancelled before its time is
+    dropped when it reaches the head, or when the cancelled ones are most of what is queued.
+    """
+
+    # No reference to the loop itself: it is the key of a weak dictionary of these.
+    def __init__(self) -> None:
+        self._queues: dict[float, collections.deque[tuple[float, _AsyncRenewal]]] = {}
+        self._timing: set[float] = set()  # intervals whose head has a timer (not kept here)
+        self._queued = 0
+        self._cancelled = 0
+
+    def arm(self, renewal: _AsyncRenewal, interval: float, loop: asyncio.AbstractEventLoop) -> None:
+        due = loop.time() + interval
+        queue = self._queues.get(interval)
+        if queue is None:
+            queue = self._queues[interval] = collections.deque()
+        queue.append((due, renewal))
+        self._queued += 1
+        if interval not in self._timing:
+            self._timing.add(interval)
+            loop.call_at(due, self._fire, interval)
+
+    def cancelled(self) -> None:
+        """One armed renewal will not start after all."""
+        self._cancelled += 1
+        if self._cancelled > 1000 and 2 * self._cancelled > self._queued:
+            for interval, queue in self._queues.items():
+                self._queues[interval] = collections.deque(e for e in queue if e[1].armed)
+            self._queued -= self._cancelled
+            self._cancelled = 0
+
+    def _fire(self, interval: float) -> None:
+        self._timing.discard(interval)
+        queue = self._queues[interval]
+        loop = asyncio.get_running_loop()
+        # A timer may fire up to the clock's resolution early.
+        now = loop.time() + 0.001
+        while queue and queue[0][0] <= now:
+            renewal = queue.popleft()[1]
+            self._queued -= 1
+            if renewal.armed:
+                renewal.start(loop)
+            else:
+                self._cancelled -= 1
+        if queue:
+            self._timing.add(interval)
+            loop.call_at(queue[0][0], self._fire, interval)
+        else:
+            del self._queues[interval]
+
+
+_dues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Due] = weakref.WeakKeyDictionary()
+_last_due: tuple[asyncio.AbstractEventLoop, _Due] | None = None
+
+
+def _due_on(loop: asyncio.AbstractEventLoop) -> _Due:
+    """The renewals of ``loop`` (the last loop asked for is remembered: it is nearly always
+    the same one)."""
+    global _last_due
+    last = _last_due
+    if last is not None and last[0] is loop:
+        return last[1]
+    due = _dues.get(loop)
+    if due is None:
+        due = _dues[loop] = _Due()
+    _last_due = (loop, due)
+    return due
+
+
 class _AsyncRenewal:
     """Renews a claim's lease every third of it while the app runs and its outcome is written.
 
-    Nothing is scheduled but a timer: a request that ends within a third of its lease costs no
-    store round trip for renewal. A renewal that fails is tried again soon (backoff, up to the
-    interval), so the lease is renewed as soon as the store answers again.
+    Nothing is scheduled but a place in the loop's queue of renewals (:class:`_Due`): a request
+    that ends within a third of its lease costs no store round trip for renewal. A renewal that
+    fails is tried again soon (backoff, up to the interval), so the lease is renewed as soon as
+    the store answers again.
     """
+
+    __slots__ = (
+        "_claim",
+        "_context",
+        "_due",
+        "_interval",
+        "_lease",
+        "_store",
+        "_task",
+        "_timeout",
+        "armed",
+    )
 
     def __init__(self, store: AsyncStore, claim: Claimed, lease: Lease, timeout: float) -> None:
         self._store, self._claim, self._lease, self._timeout = store, claim, lease, timeout
-        self._interval = max(lease.duration / 3, 0.05)
-        loop = asyncio.get_running_loop()
-        self._handle: asyncio.TimerHandle | None = loop.call_later(self._interval, self._start)
+        self._interval = interval = max(lease.duration / 3, 0.05)
         self._task: asyncio.Task[None] | None = None
+        # The renewal runs in the request's context, as a timer of its own would have.
+        self._context = contextvars.copy_context()
+        self.armed = True  # waiting for its time
+        loop = asyncio.get_running_loop()
+        self._due = _due_on(loop)
+        self._due.arm(self, interval, loop)
 
-    def _start(self) -> None:
-        self._handle = None
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.armed = False
+        self._task = loop.create_task(self._loop(), context=self._context)
 
     async def _loop(self) -> None:
         backoff = WRITE_RETRY_FIRST
@@ -203,11 +299,18 @@ class _AsyncRenewal:
             backoff = WRITE_RETRY_FIRST
             await asyncio.sleep(self._interval)
 
-    async def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+    def cancel(self) -> bool:
+        """Stop the renewal if it has not started (True); False when it is running."""
         if self._task is not None:
+            return False
+        if self.armed:
+            self.armed = False
+            self._due.cancelled()
+        return True
+
+    async def stop(self) -> None:
+        if not self.cancel():
+            assert self._task is not None
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -230,33 +333,45 @@ class _AsyncOps:
         self.watch = watch
 
     async def do(self, op: Op) -> object:
-        store, limit = self.store, self.limit
-        if isinstance(op, Clock):
-            return time.monotonic()
-        if isinstance(op, Sleep):
-            await asyncio.sleep(op.seconds)
-            return None
-        if isinstance(op, Run):
+        store, kind = self.store, type(op)
+        call: Awaitable[object]
+        # The exact types first, in the order a request meets them; then subclasses.
+        if kind is Claim:
+            claim: Claim = op  # type: ignore[assignment]  # its exact type, just checked
+            call = store.claim(claim.key, claim.fingerprint, lease=claim.lease)
+        elif kind is Run or (kind is not Complete and isinstance(op, Run)):
+            run: Run = op  # type: ignore[assignment]  # just checked
             assert self.run_app is not None
-            if op.claim is not None and op.lease is not None:
-                self.renewal = _AsyncRenewal(store, op.claim, op.lease, self.timeout)
-            ran = await self.run_app(op.claim, op.lease)
+            if run.claim is not None and run.lease is not None:
+                self.renewal = _AsyncRenewal(store, run.claim, run.lease, self.timeout)
+            ran = await self.run_app(run.claim, run.lease)
             if self.watch is not None:
                 self.watch.ran = ran
             return ran
-        call: Awaitable[object]
-        if isinstance(op, Claim):
-            call = store.claim(op.key, op.fingerprint, lease=op.lease)
         elif isinstance(op, Complete):
             call = store.complete(op.claim, op.response, ttl=op.ttl, tombstone_ttl=op.tombstone_ttl)
+        elif isinstance(op, Clock):
+            return time.monotonic()
+        elif isinstance(op, Sleep):
+            await asyncio.sleep(op.seconds)
+            return None
+        elif isinstance(op, Claim):
+            call = store.claim(op.key, op.fingerprint, lease=op.lease)
         elif isinstance(op, Release):
             call = store.release(op.claim)
         else:
             assert isinstance(op, RecordPhase), op
             call = store.record_phase(op.claim, op.name, op.data)
-        watch = self.watch
+        limit, watch = self.limit, self.watch
         if watch is None:
-            return await _call_store(call, limit)
+            if limit is not None:
+                return await _call_store(call, limit)
+            try:  # what _call_store does, without a coroutine of its own
+                return await call
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                raise _store_error(exc, None) from exc
         wall, began = time.time(), time.perf_counter()
         try:
             result = await _call_store(call, limit)
@@ -268,8 +383,9 @@ class _AsyncOps:
         return result
 
     async def stop(self) -> None:
-        if self.renewal is not None:
-            await self.renewal.stop()
+        renewal = self.renewal
+        if renewal is not None and not renewal.cancel():
+            await renewal.stop()
 
 
 async def _arun(
@@ -286,6 +402,9 @@ async def _arun(
         except StopIteration as done:
             return done.value, False
         send = steps.send
+        if op is CLOCK:  # read here: no coroutine for the most frequent operation
+            value = time.monotonic()
+            continue
         if isinstance(op, Detach):
             if writes is None or not writes.room(op.key):
                 value = False
@@ -324,8 +443,9 @@ async def adrive(
     try:
         result, detached = await _arun(steps, ops, writes)
     finally:
-        if not detached:
-            await ops.stop()
+        renewal = ops.renewal
+        if not detached and renewal is not None and not renewal.cancel():
+            await renewal.stop()
     if watch is not None:
         await watch.observer.aemit(watch.decided(result))  # type: ignore[arg-type]  # a flow's
     return result
@@ -492,6 +612,9 @@ def _run(
         except StopIteration as done:
             return done.value, False
         send = steps.send
+        if op is CLOCK:
+            value = time.monotonic()
+            continue
         if isinstance(op, Detach):
             if writes is None or not writes.room(op.key):
                 value = False

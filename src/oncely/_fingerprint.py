@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Callable, Iterable
 from urllib.parse import parse_qsl, urlencode
 
 __all__ = ["FINGERPRINT_VERSION", "canonical_json", "fingerprint", "normalize_query"]
@@ -29,7 +30,15 @@ FINGERPRINT_VERSION = "v1"
 def media_type(content_type: str | None) -> str:
     if not content_type:
         return ""
-    return content_type.split(";", 1)[0].strip().lower()
+    known = _MEDIA_TYPES.get(content_type)
+    if known is None:
+        known = content_type.split(";", 1)[0].strip().lower()
+        if len(_MEDIA_TYPES) < 1000:  # a client may send any value: a bounded memo
+            _MEDIA_TYPES[content_type] = known
+    return known
+
+
+_MEDIA_TYPES: dict[str, str] = {}
 
 
 def _is_json(mt: str) -> bool:
@@ -65,12 +74,54 @@ def _reject_constant(name: str) -> object:
 # json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False) do.
 _DECODER = json.JSONDecoder(parse_float=_number, parse_constant=_reject_constant)
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+# The C encoder that _ENCODER.encode builds on every call, built once: without the circular
+# check (a parsed document cannot refer to itself; nesting too deep still raises RecursionError)
+# it needs no state between calls. Its output is _ENCODER.encode's, byte for byte.
+_make_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_C_ENCODER = (
+    None
+    if _make_c_encoder is None
+    else _make_c_encoder(
+        None,
+        _ENCODER.default,
+        json.encoder.encode_basestring,
+        None,
+        _ENCODER.key_separator,
+        _ENCODER.item_separator,
+        True,  # sort_keys
+        False,  # skipkeys
+        True,  # allow_nan
+    )
+)
+_detect_encoding = json.detect_encoding
 
 
 def _loads(body: bytes) -> object:
     # Numbers are normalized as they are parsed, so no second walk over the document.
     # As json.loads reads bytes: UTF-8, -16 or -32 by its first bytes (a UTF-8 BOM skipped).
-    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
+    # A document that opens with "{" or "[" and no NUL next has no BOM and is UTF-8 (what
+    # detect_encoding says of it, without its checks).
+    if body[:1] in _OPENERS and body[1:2] != b"\0":
+        return _decode(body.decode("utf-8", "surrogatepass"))
+    return _decode(body.decode(_detect_encoding(body), "surrogatepass"))
+
+
+_OPENERS = (b"{", b"[")
+_scan: Callable[[str, int], tuple[object, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+_space: Callable[[str, int], re.Match[str]] = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
+
+
+def _decode(text: str) -> object:
+    """``_DECODER.decode(text)``, its two calls in between left out (the same document, the
+    same errors as ValueError)."""
+    start = 0 if text[:1] in "{[" and text else _space(text, 0).end()
+    try:
+        value, end = _scan(text, start)
+    except StopIteration as stop:
+        raise json.JSONDecodeError("Expecting value", text, stop.value) from None
+    if end != len(text) and _space(text, end).end() != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
 
 
 def canonical_json(body: bytes) -> bytes | None:
@@ -82,7 +133,9 @@ def canonical_json(body: bytes) -> bytes | None:
 
 
 def _dump(value: object) -> bytes:
-    return _ENCODER.encode(value).encode("utf-8", "surrogatepass")
+    if _C_ENCODER is None or not isinstance(value, (dict, list)):
+        return _ENCODER.encode(value).encode("utf-8", "surrogatepass")
+    return "".join(_C_ENCODER(value, 0)).encode("utf-8", "surrogatepass")
 
 
 def _drop_path(value: object, path: list[str]) -> None:
@@ -117,6 +170,18 @@ def _canonical_body(mt: str, body: bytes, ignore: tuple[str, ...]) -> tuple[str,
     return "bytes", body
 
 
+def _part(text: str) -> bytes:
+    encoded = text.encode("utf-8", "surrogatepass")
+    return len(encoded).to_bytes(4, "big") + encoded
+
+
+# The first hashed parts (version, method, path) by (version, method, path): a route's requests
+# share them. Bounded, as paths with ids in them are unbounded.
+_HEADS: dict[tuple[str, str, str], bytes] = {}
+_KIND_PARTS = {kind: _part(kind) for kind in ("empty", "json", "form", "bytes")}
+_EMPTY_PART = _part("")
+
+
 def fingerprint(
     method: str,
     path: str,
@@ -126,12 +191,22 @@ def fingerprint(
     ignore_fields: Iterable[str] = (),
 ) -> str:
     """The versioned fingerprint of a request; equal for requests that mean the same."""
-    kind, canonical = _canonical_body(media_type(content_type), body, tuple(ignore_fields))
-    normalized = normalize_query(query) if query else ""
+    ignore = ignore_fields if type(ignore_fields) is tuple else tuple(ignore_fields)
+    kind, canonical = _canonical_body(media_type(content_type), body, ignore)
+    version = FINGERPRINT_VERSION
+    head = _HEADS.get((version, method, path))
+    if head is None:
+        head = _part(version) + _part(method.upper()) + _part(path)
+        if len(_HEADS) < 10_000:
+            _HEADS[(version, method, path)] = head
     # One pass of the hash over: each part with its length (4 bytes), then the body's (8).
-    parts: list[bytes] = []
-    for part in (FINGERPRINT_VERSION, method.upper(), path, normalized, kind):
-        encoded = part.encode("utf-8", "surrogatepass")
-        parts += (len(encoded).to_bytes(4, "big"), encoded)
-    parts += (len(canonical).to_bytes(8, "big"), canonical)
-    return f"{FINGERPRINT_VERSION}:{hashlib.sha256(b''.join(parts)).hexdigest()}"
+    data = b"".join(
+        (
+            head,
+            _part(normalize_query(query)) if query else _EMPTY_PART,
+            _KIND_PARTS[kind],
+            len(canonical).to_bytes(8, "big"),
+            canonical,
+        )
+    )
+    return f"{version}:{hashlib.sha256(data).hexdigest()}"

@@ -54,6 +54,7 @@ from ._errors import KeyInFlight, KeyReused, ProblemError, ResponseNotReplayable
 from ._keys import Hashed
 
 __all__ = [
+    "CLOCK",
     "DEFAULT_HEADER_ALLOWLIST",
     "AppFailed",
     "Claim",
@@ -159,6 +160,10 @@ class Claim:
 @dataclass(frozen=True, slots=True)
 class Clock:
     """Read the driver's monotonic clock: the result is seconds, as a float."""
+
+
+#: The one Clock the flow yields (it carries nothing, so one will do).
+CLOCK = Clock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,7 +387,7 @@ def _to_store(ran: Ran, allowlist: frozenset[str]) -> StoredResponse:
 
 def _clock() -> Generator[Op, object, float]:
     """The driver's monotonic time."""
-    now = yield Clock()
+    now = yield CLOCK
     assert isinstance(now, float)
     return now
 
@@ -401,28 +406,32 @@ def write_while_owned(
     :class:`StoreUnavailable` when the lease is about to end. With ``answer``, past
     ``answer_by`` the client is answered with it (:class:`Detach`) while the tries go on.
     """
+    try:
+        return (yield op)
+    except StoreUnavailable as exc:
+        return (
+            yield from _write_after_failure(
+                op, exc, lease, what=what, answer_by=answer_by, answer=answer
+            )
+        )
+
+
+def _write_after_failure(
+    op: Complete | Release | RecordPhase,
+    error: StoreUnavailable,
+    lease: Lease,
+    *,
+    what: str,
+    answer_by: float | None,
+    answer: Outcome | None,
+) -> Generator[Op, object, object]:
+    """:func:`write_while_owned` once the first try of ``op`` failed with ``error``."""
     key = op.claim.key
     shown = Hashed(key)  # logs show a keyed hash, never the storage key
-    delay, tries = WRITE_RETRY_FIRST, 0
+    delay, tries = WRITE_RETRY_FIRST, 1
     first_failure: float | None = None
     detached = answer is None or answer_by is None
     while True:
-        tries += 1
-        try:
-            result = yield op
-        except StoreUnavailable as exc:
-            error = exc
-        else:
-            if first_failure is not None:
-                now = yield from _clock()
-                log.warning(
-                    "oncely: wrote the %s of key %s after %d tries in %.1f s",
-                    what,
-                    shown,
-                    tries,
-                    now - first_failure,
-                )
-            return result
         now = yield from _clock()
         if first_failure is None:
             first_failure = now
@@ -464,6 +473,29 @@ def write_while_owned(
         )
         yield Sleep(pause)
         delay = min(delay * 2, WRITE_RETRY_CAP)
+        tries += 1
+        try:
+            result = yield op
+        except StoreUnavailable as exc:
+            error = exc
+            continue
+        now = yield from _clock()
+        log.warning(
+            "oncely: wrote the %s of key %s after %d tries in %.1f s",
+            what,
+            shown,
+            tries,
+            now - first_failure,
+        )
+        return result
+
+
+# The outcomes of a request whose write landed at the first try: frozen, so shared.
+_STORED = Fresh(stored=True)
+_RELEASED = Fresh(stored=False)
+_SUPERSEDED = Fresh(stored=False, lost_lease=True, superseded=True)
+_RELEASE_LOST = Fresh(stored=False, lost_lease=True)
+_DEFERRED = Fresh(stored=False, deferred=True)
 
 
 def flow(
@@ -476,7 +508,8 @@ def flow(
     """Decide the fate of one keyed request; see the module docstring."""
     polls = math.ceil(policy.wait / policy.poll_interval) if policy.wait > 0 else 0
     while True:
-        sent = yield from _clock()
+        sent = yield CLOCK
+        assert isinstance(sent, float)
         try:
             claimed = yield Claim(key, fingerprint, policy.lease)
         except StoreUnavailable as exc:
@@ -500,7 +533,8 @@ def flow(
 
     lease = Lease(policy.lease, sent)
     result = yield Run(claimed, lease)
-    answered = yield from _clock()
+    answered = yield CLOCK
+    assert isinstance(answered, float)
     answer_by = answered + policy.store_timeout
 
     if isinstance(result, AppFailed):
@@ -532,20 +566,27 @@ def flow(
 
     assert isinstance(result, Ran)
     if result.completed:
-        return Fresh(stored=True)  # the app committed its response with its effect
+        return _STORED  # the app committed its response with its effect
     kept = is_kept(result.status, replay_errors=policy.replay_errors)
+    write = (
+        Complete(claimed, _to_store(result, header_allowlist), policy.ttl, policy.tombstone_ttl)
+        if kept
+        else Release(claimed)
+    )
     try:
-        done = yield from write_while_owned(
-            Complete(claimed, _to_store(result, header_allowlist), policy.ttl, policy.tombstone_ttl)
-            if kept
-            else Release(claimed),
-            lease,
-            what="completion" if kept else "release",
-            answer_by=answer_by,
-            answer=Fresh(stored=False, deferred=True),
-        )
+        try:
+            done = yield write  # the first try inline; the tries after a failure below
+        except StoreUnavailable as exc:
+            done = yield from _write_after_failure(
+                write,
+                exc,
+                lease,
+                what="completion" if kept else "release",
+                answer_by=answer_by,
+                answer=_DEFERRED,
+            )
     except StoreUnavailable as exc:
         return Fresh(stored=False, store_error=exc)
     if kept:
-        return Fresh(stored=bool(done), lost_lease=not done, superseded=not done)
-    return Fresh(stored=False, lost_lease=not done)
+        return _STORED if done else _SUPERSEDED
+    return _RELEASED if done else _RELEASE_LOST

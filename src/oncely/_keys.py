@@ -96,13 +96,25 @@ def parse_key(raw: bytes | str) -> str:
     return key
 
 
+def _part(text: str) -> bytes:
+    encoded = text.encode("utf-8", "surrogatepass")
+    return len(encoded).to_bytes(4, "big") + encoded
+
+
+# The hashed (namespace, tenant) parts by (namespace, tenant): bounded, as tenants may be many.
+_PREFIXES: dict[tuple[str, str], bytes] = {}
+
+
 def storage_key(tenant: str, key: str, namespace: str = "") -> str:
-    """The key a store keeps: a hash of (namespace, tenant, key), never the raw key."""
-    parts: list[bytes] = []
-    for part in (namespace, tenant, key):
-        encoded = part.encode("utf-8", "surrogatepass")
-        parts += (len(encoded).to_bytes(4, "big"), encoded)
-    return hashlib.sha256(b"".join(parts)).hexdigest()
+    """The key a store keeps: a hash of (namespace, tenant, key), never the raw key.
+
+    Each part is hashed with its length (4 bytes) before it, in one pass."""
+    prefix = _PREFIXES.get((namespace, tenant))
+    if prefix is None:
+        prefix = _part(namespace) + _part(tenant)
+        if len(_PREFIXES) < 10_000:
+            _PREFIXES[(namespace, tenant)] = prefix
+    return hashlib.sha256(prefix + _part(key)).hexdigest()
 
 
 _configured = os.environ.get("ONCELY_HASH_SECRET", "")

@@ -111,7 +111,55 @@ def _framework_template(raw: Mapping[str, Any], app: object) -> str | None:
         routes = _routes_of(app)
     if routes is None:
         return None
-    return _match(routes, dict(raw), "")
+    return _matched(routes, raw)
+
+
+#: Route kinds whose match depends on the scope's type, path, root path and method only (a
+#: ``Host`` route reads the headers, a route of a kind unknown here may read anything).
+_PLAIN_ROUTES = frozenset({"Route", "APIRoute", "WebSocketRoute", "APIWebSocketRoute", "Mount"})
+_CACHED_PATHS = 1024  # per routes object; past it the cache starts again (ids in paths)
+_CACHED_APPS = 64
+#: id(routes) -> (routes, how many, cacheable, (type, path, root_path, method) -> template)
+_route_cache: dict[int, tuple[Any, int, bool, dict[tuple[Any, ...], str | None]]] = {}
+
+
+def _plain(routes: Iterable[Any], depth: int = 0) -> bool:
+    for route in routes:
+        if type(route).__name__ not in _PLAIN_ROUTES:
+            return False
+        inner = getattr(route, "routes", None) if type(route).__name__ == "Mount" else None
+        if inner is not None and (depth > 8 or not _plain(inner, depth + 1)):
+            return False
+    return True
+
+
+def _matched(routes: Any, raw: Mapping[str, Any]) -> str | None:
+    """:func:`_match`, its answer kept per scope type, path, root path and method when every
+    route's match depends on those alone (the routes object is held, so its id is not reused;
+    a route added or removed at its top level starts its cache again)."""
+    try:
+        size = len(routes)
+    except TypeError:
+        return _match(routes, dict(raw), "")
+    cached = _route_cache.get(id(routes))
+    if cached is None or cached[0] is not routes or cached[1] != size:
+        if len(_route_cache) >= _CACHED_APPS:
+            _route_cache.clear()
+        cached = (routes, size, _plain(routes), {})
+        _route_cache[id(routes)] = cached
+    if not cached[2]:
+        return _match(routes, dict(raw), "")
+    paths = cached[3]
+    key = (raw.get("type"), raw.get("path"), raw.get("root_path"), raw.get("method"))
+    try:
+        return paths[key]
+    except KeyError:
+        pass
+    found = _match(routes, dict(raw), "")
+    if len(paths) >= _CACHED_PATHS:
+        paths.clear()
+    paths[key] = found
+    return found
 
 
 def _url_map_of(app: object) -> Any:
@@ -230,13 +278,15 @@ class Watch:
         "route",
         "started",
         "storage_key",
+        "store_seconds",
         "tenant",
     )
 
     def __init__(self, observer: Observer, method: str, route: str) -> None:
         self.observer, self.method, self.route = observer, method, route
-        self.started = time.perf_counter()
+        self.started = _perf_counter()
         self.operations: list[StoreOperation] = []
+        self.store_seconds = 0.0
         self.attempt: int | None = None
         self.ran: Ran | AppFailed | None = None
         self.kept_size: int | None = None
@@ -245,9 +295,9 @@ class Watch:
         self.emitted = False
 
     def operation(self, name: str, wall: float, began: float, *, failed: bool) -> None:
-        self.operations.append(
-            StoreOperation(name, wall, time.perf_counter() - began, failed=failed)
-        )
+        seconds = _perf_counter() - began
+        self.store_seconds += seconds
+        self.operations.append(StoreOperation(name, wall, seconds, failed))
 
     def _status(self, outcome: Outcome) -> int | None:
         if isinstance(outcome, Replay):
@@ -267,11 +317,7 @@ class Watch:
         """The decision ``outcome`` comes to."""
         size: int | None = None
         name: OutcomeName
-        if isinstance(outcome, Replay):
-            name, size = "replayed", len(outcome.response.body)
-        elif isinstance(outcome, Refuse):
-            name = _problem_outcome(outcome.error)
-        elif isinstance(outcome, Fresh):
+        if isinstance(outcome, Fresh):  # the two common outcomes first, and their status
             if outcome.superseded or outcome.lost_lease:
                 name = "lease_lost"
             elif outcome.store_error is not None:
@@ -280,6 +326,14 @@ class Watch:
                 name, size = "executed", self.kept_size
             else:
                 name = "released_error"  # an error status, not kept: the key was freed
+            ran = self.ran
+            if isinstance(ran, Ran):
+                return self._decision(name, ran.status, size)
+        elif isinstance(outcome, Replay):
+            response = outcome.response
+            return self._decision("replayed", response.status, len(response.body))
+        elif isinstance(outcome, Refuse):
+            name = _problem_outcome(outcome.error)
         elif isinstance(outcome, Failed):
             if outcome.store_error is not None:
                 name = "store_unavailable"
@@ -300,59 +354,82 @@ class Watch:
     def _decision(self, name: OutcomeName, status: int | None, size: int | None) -> Decision:
         observer = self.observer
         self.emitted = True
-        operations = tuple(self.operations)
-        return Decision(
-            outcome=name,
-            route=self.route,
-            surface=observer.surface,
-            store=observer.store,
-            method=self.method,
-            attempt=self.attempt,
-            status=status if observer.surface != "function" else None,
-            store_seconds=sum(op.seconds for op in operations),
-            total_seconds=time.perf_counter() - self.started,
-            response_size=size,
-            key_hash=None if self.storage_key is None else key_hash(self.storage_key),
-            tenant_hash=None if self.tenant is None else tenant_hash(self.tenant),
-            operations=operations,
+        return _hashing(
+            name,
+            self.route,
+            observer.surface,
+            observer.store,
+            self.method,
+            self.attempt,
+            status if observer.surface != "function" else None,
+            self.store_seconds,
+            _perf_counter() - self.started,
+            size,
+            tuple(self.operations),
+            self.storage_key,
+            self.tenant,
         )
+
+
+_perf_counter = time.perf_counter
+_hashing = Decision._hashing
 
 
 _WARNING_OUTCOMES = frozenset({"store_unavailable", "lease_lost"})
 
 
+_MESSAGE = "oncely %s %s %s %s -> %s key=%s tenant=%s attempt=%s %.1f ms"
+_LOG_LINE = 0  # set below: the line of log_decision's record, what %(lineno)d shows
+
+
 def log_decision(decision: Decision) -> None:
-    """The decision's one log line on ``oncely.decisions``, its fields in ``extra``."""
+    """The decision's one log line on ``oncely.decisions``, its fields in ``extra``.
+
+    The record is made and handed to the logger's handlers as ``Logger.log`` would, less the
+    walk up the stack for the caller (always this function): the record factory, the logger's
+    filters, its handlers and its ancestors' all apply."""
     level = logging.WARNING if decision.outcome in _WARNING_OUTCOMES else logging.INFO
     if not decisions_log.isEnabledFor(level):
         return
-    decisions_log.log(
+    key, tenant = decision.key_hash, decision.tenant_hash
+    status, attempt = decision.status, decision.attempt
+    record = logging.getLogRecordFactory()(
+        decisions_log.name,
         level,
-        "oncely %s %s %s %s -> %s key=%s tenant=%s attempt=%s %.1f ms",
-        decision.surface,
-        decision.method or "call",
-        decision.route,
-        decision.status if decision.status is not None else "-",
-        decision.outcome,
-        decision.key_hash or "-",
-        decision.tenant_hash or "-",
-        decision.attempt if decision.attempt is not None else "-",
-        decision.total_seconds * 1000,
-        extra={
-            "outcome": decision.outcome,
-            "route": decision.route,
-            "surface": decision.surface,
-            "store": decision.store,
-            "method": decision.method,
-            "status": decision.status,
-            "attempt": decision.attempt,
-            "duration": decision.total_seconds,
-            "store_duration": decision.store_seconds,
-            "response_size": decision.response_size,
-            "key_hash": decision.key_hash,
-            "tenant_hash": decision.tenant_hash,
-        },
+        __file__,
+        _LOG_LINE,
+        _MESSAGE,
+        (
+            decision.surface,
+            decision.method or "call",
+            decision.route,
+            status if status is not None else "-",
+            decision.outcome,
+            key or "-",
+            tenant or "-",
+            attempt if attempt is not None else "-",
+            decision.total_seconds * 1000,
+        ),
+        None,
+        "log_decision",
     )
+    fields = record.__dict__
+    fields["outcome"] = decision.outcome
+    fields["route"] = decision.route
+    fields["surface"] = decision.surface
+    fields["store"] = decision.store
+    fields["method"] = decision.method
+    fields["status"] = status
+    fields["attempt"] = attempt
+    fields["duration"] = decision.total_seconds
+    fields["store_duration"] = decision.store_seconds
+    fields["response_size"] = decision.response_size
+    fields["key_hash"] = key
+    fields["tenant_hash"] = tenant
+    decisions_log.handle(record)
+
+
+_LOG_LINE = log_decision.__code__.co_firstlineno
 
 
 class _HookLoop:
@@ -425,7 +502,7 @@ class Observer:
         for hook in self.hooks:
             try:
                 result = hook(decision)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     _HookLoop.run(result)
             except Exception as exc:
                 self._failed(hook, exc)
@@ -436,7 +513,7 @@ class Observer:
         for hook in self.hooks:
             try:
                 result = hook(decision)
-                if inspect.isawaitable(result):
+                if result is not None and inspect.isawaitable(result):
                     await result
             except Exception as exc:
                 self._failed(hook, exc)

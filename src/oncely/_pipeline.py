@@ -124,9 +124,13 @@ class Capture:
         self.finished = False  # the whole answer is in (its last body part is held back)
 
     def start(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
+        self.start_lowered(status, [(k.lower(), v) for k, v in headers])
+
+    def start_lowered(self, status: int, headers: list[tuple[str, str]]) -> None:
+        """:meth:`start` with ``headers`` whose names are lower-case already."""
         self.started = True
         self.status = status
-        self.headers = [(k.lower(), v) for k, v in headers]
+        self.headers = headers
 
     def add(self, chunk: bytes) -> None:
         if chunk and not self.too_large:
@@ -176,6 +180,9 @@ class Settlement:
     error: BaseException | None = None
 
 
+_RELEASE_HELD = Settlement(release_held=True)
+
+
 def settle(outcome: Outcome, key: str, *, started: bool) -> Settlement:
     """What to do with ``outcome`` of the request under storage ``key``. ``started``: the app's
     answer has begun to go out to the client."""
@@ -202,9 +209,9 @@ def settle(outcome: Outcome, key: str, *, started: bool) -> Settlement:
                 Hashed(key),
                 outcome.store_error,
             )
-        return Settlement(release_held=True)
+        return _RELEASE_HELD
     if isinstance(outcome, PassThrough):
-        return Settlement(release_held=True)
+        return _RELEASE_HELD
     assert isinstance(outcome, Failed)
     if outcome.store_error is not None:
         log.error(

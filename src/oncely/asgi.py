@@ -105,13 +105,17 @@ class IdempotencyMiddleware:
         if resolved is None:
             await self.app(scope, receive, send)
             return
-        headers: dict[str, str] = {}
-        keys: list[bytes] = []
-        for raw_name, raw_value in scope["headers"]:
-            if raw_name == self._header:
-                keys.append(raw_value)
-            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        raw_headers = scope["headers"]
+        if not isinstance(raw_headers, list | tuple):
+            raw_headers = list(raw_headers)
+        header = self._header
+        keys = [value for name, value in raw_headers if name == header]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in raw_headers}
+        if len(headers) != len(raw_headers):  # a repeated name: its values joined with ", "
+            headers = {}
+            for raw_name, raw_value in raw_headers:
+                name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
+                headers[name] = f"{headers[name]}, {value}" if name in headers else value
         query = scope.get("query_string", b"").decode("latin-1")
         request = Request(method=method, path=path, query=query, headers=headers, raw=scope)
         watch = self.observer.start(method, scope, resolved.route, self.app)
@@ -159,10 +163,16 @@ class _Exchange:
 
     async def _read_body(self) -> bool:
         """The whole request body into ``self.body``; False if the client went away."""
+        message = await self.receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            # The whole body in one message, as servers send a small one.
+            body = message.get("body", b"")
+            self.admitted.check_size(len(body))
+            self.body = body if type(body) is bytes else bytes(body)
+            return True
         parts: list[bytes] = []
         total = 0
         while True:
-            message = await self.receive()
             if message["type"] == "http.disconnect":
                 return False
             chunk = message.get("body", b"")
@@ -172,6 +182,7 @@ class _Exchange:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
+            message = await self.receive()
         self.body = b"".join(parts)
         return True
 
@@ -204,9 +215,12 @@ class _Exchange:
     async def _capture_send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            self.capture.start(
+            self.capture.start_lowered(
                 message["status"],
-                ((k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", ())),
+                [
+                    (k.decode("latin-1").lower(), v.decode("latin-1"))
+                    for k, v in message.get("headers", ())
+                ],
             )
             await self.send(message)
         elif kind == "http.response.body":

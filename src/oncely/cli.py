@@ -2,7 +2,7 @@
 
     oncely inspect --store URL --tenant T --key K [--json]   # one key's record
     oncely stats   --store URL [--json]                      # records by state, oldest lease
-    oncely purge   --store URL --expired [--batch N]         # delete records past retention
+    oncely purge   --store URL --expired [--batch N] [--pause S|auto]  # delete past retention
     oncely migrate --store URL                               # create tables and indexes now
     oncely serve | demo [flags]                              # the reference service (optional)
     oncely chain run|resume|show|list ...                    # API chains (oncely[chains])
@@ -32,6 +32,7 @@ from .events import Inspectable
 from .stores import Store, open_store
 from .stores._rules import claimed_at
 from .stores._stats import key_hash
+from .stores.sqlite import SQLiteStore
 
 __all__ = ["main"]
 
@@ -45,6 +46,7 @@ examples:
   oncely inspect --store postgresql://127.0.0.1:5432/app --tenant acme --key K --json
   oncely stats --store redis://127.0.0.1:6379/0 --prefix oncely:
   oncely purge --store sqlite:oncely.db --expired --batch 500
+  oncely purge --store postgresql://127.0.0.1:5432/app --expired --pause 0   (back to back)
   oncely migrate --store postgresql://127.0.0.1:5432/app --schema idem
   oncely serve --port 8000        oncely demo --intents 500 --keep
 
@@ -184,9 +186,30 @@ def _progress(total: int | None) -> tuple[Callable[[int], None], Callable[[], No
     return plain, lambda: None
 
 
+def _pause(text: str) -> float | None:
+    """``--pause``: ``auto`` (None: as long as the batch took), else seconds, 0 or more."""
+    if text == "auto":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"--pause takes auto or seconds (0 or more), not {text!r}")
+    return seconds
+
+
 def _purge(store: Store, args: argparse.Namespace) -> str:
+    """Batches of ``--batch`` records, each its own short write, with a pause after each.
+
+    A batch holds the store's write lock while it runs (SQLite has one writer), so batches sent
+    back to back starve live traffic. By default each pause lasts as long as the batch before
+    it took: the purge takes at most half of the store's write time, whatever the store's speed.
+    """
     if not args.expired:
         raise ConfigurationError("purge deletes expired records only: say so with --expired")
+    if args.batch is None:  # SQLite's one writer waits for a batch: keep its batches short
+        args.batch = 200 if isinstance(store, SQLiteStore) else 1000
     if args.batch < 1:
         raise ConfigurationError(f"--batch must be 1 or more, not {args.batch}")
     total = store.stats(limit=0).expired if isinstance(store, Inspectable) else None
@@ -194,11 +217,14 @@ def _purge(store: Store, args: argparse.Namespace) -> str:
     done = 0
     try:
         while True:
+            began = time.monotonic()
             deleted = store.purge(limit=args.batch)
+            took = time.monotonic() - began
             done += deleted
             update(done)
             if deleted < args.batch:
                 break
+            time.sleep(took if args.pause is None else args.pause)
     finally:
         stop()
     return f"purged {done} expired records"
@@ -269,7 +295,17 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--limit", type=int, default=20, help="in-flight keys to list")
         if name == "purge":
             cmd.add_argument("--expired", action="store_true", help="delete expired records")
-            cmd.add_argument("--batch", type=int, default=1000, help="records per batch")
+            cmd.add_argument(
+                "--batch", type=int, help="records per batch (default 200 on SQLite, else 1000)"
+            )
+            cmd.add_argument(
+                "--pause",
+                type=_pause,
+                default=None,
+                metavar="S|auto",
+                help="seconds between batches, or auto (default): as long as the last batch "
+                "took, so live traffic keeps at least half of the store's write time",
+            )
         if name == "inspect":
             tenant = cmd.add_mutually_exclusive_group(required=True)
             tenant.add_argument("--tenant", help="the key's tenant, as the middleware has it")

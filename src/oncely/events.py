@@ -11,11 +11,15 @@ Stores that can answer questions about what they hold implement :class:`Inspecta
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Literal, Protocol, get_args, runtime_checkable
 
+from . import _keys
+
 __all__ = [
+    "DECISION_FIELDS",
     "OUTCOMES",
     "AsyncInspectable",
     "Decision",
@@ -49,21 +53,120 @@ OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
 Surface = Literal["asgi", "wsgi", "function"]
 
 
-@dataclass(frozen=True, slots=True)
+def _frozen(self: object, name: str, value: object) -> None:
+    raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+
+def _frozen_del(self: object, name: str) -> None:
+    raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+
 class StoreOperation:
     """One store operation a decision waited on: "claim", "complete", "release" or
     "record_phase"; when it began (wall clock, ``time.time()``), how long it took, and whether
-    the store failed it."""
+    the store failed it. Immutable."""
+
+    __slots__ = ("failed", "name", "seconds", "started")
+    __match_args__ = ("name", "started", "seconds", "failed")
 
     name: str
     started: float
     seconds: float
-    failed: bool = False
+    failed: bool
+
+    def __init__(self, name: str, started: float, seconds: float, failed: bool = False) -> None:
+        _op_name(self, name)
+        _op_started(self, started)
+        _op_seconds(self, seconds)
+        _op_failed(self, failed)
+
+    __setattr__ = _frozen
+    __delattr__ = _frozen_del
+
+    def _fields(self) -> tuple[str, float, float, bool]:
+        return (self.name, self.started, self.seconds, self.failed)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not StoreOperation:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"StoreOperation(name={self.name!r}, started={self.started!r}, "
+            f"seconds={self.seconds!r}, failed={self.failed!r})"
+        )
+
+    def __reduce__(self) -> tuple[type[StoreOperation], tuple[str, float, float, bool]]:
+        return (StoreOperation, self._fields())
 
 
-@dataclass(frozen=True, slots=True)
+_op_name = StoreOperation.__dict__["name"].__set__
+_op_started = StoreOperation.__dict__["started"].__set__
+_op_seconds = StoreOperation.__dict__["seconds"].__set__
+_op_failed = StoreOperation.__dict__["failed"].__set__
+
+#: The public fields of a :class:`Decision`, in order (its constructor's arguments).
+DECISION_FIELDS = (
+    "outcome",
+    "route",
+    "surface",
+    "store",
+    "method",
+    "attempt",
+    "status",
+    "store_seconds",
+    "total_seconds",
+    "response_size",
+    "key_hash",
+    "tenant_hash",
+    "operations",
+)
+
+
 class Decision:
-    """One decision about one request (or one call of an ``@idempotent`` function)."""
+    """One decision about one request (or one call of an ``@idempotent`` function). Immutable.
+
+    ``key_hash`` and ``tenant_hash`` of a decision the core emits are computed when first read
+    (by a log line or a hook that wants them), so a decision nobody asks them of pays no hash;
+    the event never shows, compares, copies or pickles anything but the hashes.
+    """
+
+    __slots__ = (
+        "_key",
+        "_key_hash",
+        "_tenant",
+        "_tenant_hash",
+        "attempt",
+        "method",
+        "operations",
+        "outcome",
+        "response_size",
+        "route",
+        "status",
+        "store",
+        "store_seconds",
+        "surface",
+        "total_seconds",
+    )
+    __match_args__ = (
+        "outcome",
+        "route",
+        "surface",
+        "store",
+        "method",
+        "attempt",
+        "status",
+        "store_seconds",
+        "total_seconds",
+        "response_size",
+        "key_hash",
+        "tenant_hash",
+        "operations",
+    )
 
     outcome: Outcome
     #: The route's template ("/payments/{id}"), or the function's prefix; never the raw path.
@@ -71,22 +174,246 @@ class Decision:
     surface: Surface
     #: The store's kind: "memory", "sqlite", "postgresql", "redis", or a user store's class name.
     store: str
-    method: str = ""
+    method: str
     #: The claim's attempt number (1 for the first run, 2 after a takeover); None before a claim.
-    attempt: int | None = None
+    attempt: int | None
     #: The HTTP status the client got (None for a function call).
-    status: int | None = None
+    status: int | None
     #: Seconds spent waiting on the store for this request, and in all.
-    store_seconds: float = 0.0
-    total_seconds: float = 0.0
+    store_seconds: float
+    total_seconds: float
     #: Bytes of the response kept or replayed; None when nothing was kept.
-    response_size: int | None = None
-    #: Short hashes (hex) of the storage key and the tenant; never the raw values.
-    key_hash: str | None = None
-    tenant_hash: str | None = None
+    response_size: int | None
     #: The store operations this decision waited on, in order (writes that go on in the
     #: background after the client was answered are not among them).
-    operations: tuple[StoreOperation, ...] = ()
+    operations: tuple[StoreOperation, ...]
+    _key: str | None  # the storage key, until its hash is read (then None)
+    _key_hash: str | None
+    _tenant: str | None  # the tenant, until its hash is read (then None)
+    _tenant_hash: str | None
+
+    def __init__(
+        self,
+        outcome: Outcome,
+        route: str,
+        surface: Surface,
+        store: str,
+        method: str = "",
+        attempt: int | None = None,
+        status: int | None = None,
+        store_seconds: float = 0.0,
+        total_seconds: float = 0.0,
+        response_size: int | None = None,
+        key_hash: str | None = None,
+        tenant_hash: str | None = None,
+        operations: tuple[StoreOperation, ...] = (),
+    ) -> None:
+        _init_decision(
+            self,
+            outcome,
+            route,
+            surface,
+            store,
+            method,
+            attempt,
+            status,
+            store_seconds,
+            total_seconds,
+            response_size,
+            operations,
+        )
+        _d_key_hash(self, key_hash)
+        _d_tenant_hash(self, tenant_hash)
+        _d_key(self, None)
+        _d_tenant(self, None)
+
+    @classmethod
+    def _hashing(
+        cls,
+        outcome: Outcome,
+        route: str,
+        surface: Surface,
+        store: str,
+        method: str,
+        attempt: int | None,
+        status: int | None,
+        store_seconds: float,
+        total_seconds: float,
+        response_size: int | None,
+        operations: tuple[StoreOperation, ...],
+        storage_key: str | None,
+        tenant: str | None,
+    ) -> Decision:
+        """The core's decision: its key and tenant hashed from ``storage_key`` and ``tenant``
+        when first read."""
+        self = _new(cls)
+        _d_outcome(self, outcome)
+        _d_route(self, route)
+        _d_surface(self, surface)
+        _d_store(self, store)
+        _d_method(self, method)
+        _d_attempt(self, attempt)
+        _d_status(self, status)
+        _d_store_seconds(self, store_seconds)
+        _d_total_seconds(self, total_seconds)
+        _d_response_size(self, response_size)
+        _d_operations(self, operations)
+        _d_key_hash(self, None)
+        _d_tenant_hash(self, None)
+        _d_key(self, storage_key)
+        _d_tenant(self, tenant)
+        return self
+
+    @property
+    def key_hash(self) -> str | None:
+        """A short hash (hex) of the storage key; never the raw value. None: no key."""
+        found: str | None = self._key_hash
+        if found is None:
+            raw = self._key
+            if raw is not None:
+                found = _key_hash(raw)
+                _d_key_hash(self, found)
+                _d_key(self, None)
+        return found
+
+    @property
+    def tenant_hash(self) -> str | None:
+        """A short hash (hex) of the tenant; never the raw value. None: no tenant."""
+        found: str | None = self._tenant_hash
+        if found is None:
+            raw = self._tenant
+            if raw is not None:
+                found = _tenant_hash(raw)
+                _d_tenant_hash(self, found)
+                _d_tenant(self, None)
+        return found
+
+    __setattr__ = _frozen
+    __delattr__ = _frozen_del
+
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.outcome,
+            self.route,
+            self.surface,
+            self.store,
+            self.method,
+            self.attempt,
+            self.status,
+            self.store_seconds,
+            self.total_seconds,
+            self.response_size,
+            self.key_hash,
+            self.tenant_hash,
+            self.operations,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Decision:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={value!r}" for name, value in zip(DECISION_FIELDS, self._fields(), strict=True)
+        )
+        return f"Decision({shown})"
+
+    def __reduce__(self) -> tuple[type[Decision], tuple[object, ...]]:
+        return (Decision, self._fields())
+
+
+# The keyed hashes of oncely._keys (key_hash, tenant_hash), the key and personalisation taken
+# in once: each hash copies that state instead of keying a new one. A process sees few tenants,
+# so their hashes are kept (up to _TENANTS of them).
+_KEY_STATE = hashlib.blake2b(key=_keys._SECRET, digest_size=8, person=b"oncely-key")
+_TENANT_STATE = hashlib.blake2b(key=_keys._SECRET, digest_size=8, person=b"oncely-tenant")
+_TENANTS = 1024
+_tenant_hashes: dict[str, str] = {}
+
+
+def _key_hash(storage_key: str) -> str:
+    state = _KEY_STATE.copy()
+    state.update(storage_key.encode("utf-8", "surrogatepass"))
+    return state.hexdigest()
+
+
+def _tenant_hash(tenant: str) -> str:
+    found = _tenant_hashes.get(tenant)
+    if found is None:
+        state = _TENANT_STATE.copy()
+        state.update(tenant.encode("utf-8", "surrogatepass"))
+        found = state.hexdigest()
+        if len(_tenant_hashes) >= _TENANTS:
+            _tenant_hashes.clear()
+        _tenant_hashes[tenant] = found
+    return found
+
+
+_new = object.__new__
+_d_key = Decision.__dict__["_key"].__set__
+_d_key_hash = Decision.__dict__["_key_hash"].__set__
+_d_tenant = Decision.__dict__["_tenant"].__set__
+_d_tenant_hash = Decision.__dict__["_tenant_hash"].__set__
+_d_setters = tuple(
+    Decision.__dict__[name].__set__
+    for name in (
+        "outcome",
+        "route",
+        "surface",
+        "store",
+        "method",
+        "attempt",
+        "status",
+        "store_seconds",
+        "total_seconds",
+        "response_size",
+        "operations",
+    )
+)
+(
+    _d_outcome,
+    _d_route,
+    _d_surface,
+    _d_store,
+    _d_method,
+    _d_attempt,
+    _d_status,
+    _d_store_seconds,
+    _d_total_seconds,
+    _d_response_size,
+    _d_operations,
+) = _d_setters
+
+
+def _init_decision(
+    self: Decision,
+    outcome: Outcome,
+    route: str,
+    surface: Surface,
+    store: str,
+    method: str,
+    attempt: int | None,
+    status: int | None,
+    store_seconds: float,
+    total_seconds: float,
+    response_size: int | None,
+    operations: tuple[StoreOperation, ...],
+) -> None:
+    _d_outcome(self, outcome)
+    _d_route(self, route)
+    _d_surface(self, surface)
+    _d_store(self, store)
+    _d_method(self, method)
+    _d_attempt(self, attempt)
+    _d_status(self, status)
+    _d_store_seconds(self, store_seconds)
+    _d_total_seconds(self, total_seconds)
+    _d_response_size(self, response_size)
+    _d_operations(self, operations)
 
 
 DecisionHook = Callable[[Decision], Awaitable[None] | None]

@@ -112,7 +112,7 @@ class Metrics:
             "oncely_hook_failures", "on_decision hooks that raised", registry=registry
         )
         self._counters: dict[tuple[str, str, str], Counter] = {}
-        self._timers: dict[tuple[str, str], Histogram] = {}
+        self._timers: dict[str, dict[str, Histogram]] = {}  # store -> operation -> child
         self._sizes: dict[str, Histogram] = {}
         self.in_flight: InFlightCollector | None = None
         if store is not None and callable(getattr(store, "stats", None)):
@@ -128,22 +128,32 @@ class Metrics:
         self.hook_failures.inc()
 
     def __call__(self, decision: Decision) -> None:
-        # The labelled children are kept: ``labels()`` costs more than the count itself.
-        labels = (decision.outcome, decision.route, decision.surface)
+        # The labelled children are kept, bound once per label set: ``labels()`` costs more
+        # than the count itself, so a decision is one ``inc()`` and one ``observe()`` per store
+        # operation (and one for the size of an answer kept).
+        outcome = decision.outcome
+        labels = (outcome, decision.route, decision.surface)
         counter = self._counters.get(labels)
         if counter is None:
-            if decision.outcome not in OUTCOMES:
+            if outcome not in OUTCOMES:
                 return  # a bounded label set: nothing else is counted
             counter = self._counters[labels] = self.decisions.labels(*labels)
         counter.inc()
-        for op in decision.operations:
-            timer = self._timers.get((decision.store, op.name))
-            if timer is None:
-                timer = self.operations.labels(decision.store, op.name)
-                self._timers[(decision.store, op.name)] = timer
-            timer.observe(op.seconds)
-        if decision.outcome == "executed" and decision.response_size is not None:
-            sizes = self._sizes.get(decision.surface)
-            if sizes is None:
-                sizes = self._sizes[decision.surface] = self.sizes.labels(decision.surface)
-            sizes.observe(decision.response_size)
+        operations = decision.operations
+        if operations:
+            store = decision.store
+            timers = self._timers.get(store)
+            if timers is None:
+                timers = self._timers[store] = {}
+            for op in operations:
+                timer = timers.get(op.name)
+                if timer is None:
+                    timer = timers[op.name] = self.operations.labels(store, op.name)
+                timer.observe(op.seconds)
+        if outcome == "executed":
+            size = decision.response_size
+            if size is not None:
+                sizes = self._sizes.get(decision.surface)
+                if sizes is None:
+                    sizes = self._sizes[decision.surface] = self.sizes.labels(decision.surface)
+                sizes.observe(size)

@@ -1,15 +1,18 @@
 """The nemesis: the payments service as several processes on one store, attacked, then audited.
 
-    python -m oncely_payments.nemesis [--store sqlite|postgresql|URL ...] [--duration SECONDS]
-        [--processes N] [--seed N] [--json PATH]
+    python -m oncely_payments.nemesis [--store sqlite|postgresql|redis|URL ...]
+        [--duration SECONDS] [--processes N] [--seed N] [--json PATH] [--plant-duplicate]
 
-For each store, ``--processes`` service processes share one store (a SQLite file, or a
-PostgreSQL schema of the run's own). Each process reaches PostgreSQL through a TCP proxy of its
-own (``store_proxy.StoreProxy``). A fleet of clients, each an ``httpx.AsyncClient`` over oncely's
+For each store, ``--processes`` service processes share one store: a SQLite file, a PostgreSQL
+schema of the run's own, or a Redis key prefix of the run's own (``nemesis-<random>:``, its keys
+deleted at the end) with the ledger apart from it in a SQLite file (the service's
+``--database``). Each process reaches PostgreSQL or Redis through a TCP proxy of its own
+(``store_proxy.StoreProxy``). A fleet of clients, each an ``httpx.AsyncClient`` over oncely's
 ``AsyncIdempotentTransport``, pays intents (one customer and one Idempotency-Key each) against a
 random live process, retrying until a final answer (201, or 402 for a declined card).
 
-For ``--duration`` seconds the nemesis, at random moments, does one of:
+For ``--duration`` seconds the nemesis, at random moments, does one of (in rounds: every kind
+once a round, shuffled, process and store faults alternating):
 
 - ``kill``: SIGKILL a service process (its whole group), restart it on a new port;
 - ``pause``: SIGSTOP a process past its lease, then SIGCONT: a retry takes its keys over, and
@@ -24,7 +27,10 @@ process faults only.
 
 Then the audit (audit.py) of the ledger and the card network: duplicates, lost payments, wrong
 ones, clients told another payment than the one kept; and of the store: keys still in flight
-past their lease. Exit status 1 on any violation, 2 on a usage error.
+past their lease (for Redis read with the store's own ``stats``). When the first look finds
+some (on Redis: answered while the response's write went on, and that write never landed),
+every intent is retried once more, and the store read again. The report ends with one audit
+line per store. Exit status 0 when all are clean, 1 on any violation, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
+import re
 import secrets
 import signal
 import sqlite3
@@ -60,15 +68,17 @@ from .store_proxy import Mode, StoreProxy
 __all__ = ["NemesisConfig", "StoreRun", "main", "parse_args", "run_store"]
 
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-STORES = {"sqlite": "sqlite", "postgresql": POSTGRES_URL}
+REDIS_URL = "redis://127.0.0.1:6379/0"
+STORES = {"sqlite": "sqlite", "postgresql": POSTGRES_URL, "redis": REDIS_URL}
+STUCK_LIMIT = 100_000  # in-flight keys the Redis audit lists (the oldest leases first)
 UNFENCED_ENV = "ONCELY_PAYMENTS_UNFENCED"
 FINAL = (201, 402)
 
 
 @dataclass(frozen=True)
 class NemesisConfig:
-    stores: tuple[str, ...] = ("sqlite", "postgresql")
-    duration: float = 140.0  # seconds of faults per store
+    stores: tuple[str, ...] = ("sqlite", "postgresql", "redis")
+    duration: float = 85.0  # seconds of faults per store: about 5 minutes for the three
     processes: int = 3
     clients: int = 12
     seed: int | None = None
@@ -78,9 +88,13 @@ class NemesisConfig:
     fault_gap: tuple[float, float] = (0.3, 1.2)  # seconds between two faults
     duplicate_rate: float = 0.05  # of requests: a copy sent at once
     reorder_rate: float = 0.05  # of requests: a copy sent late, after later retries
+    reorder_delay: tuple[float, float] = (0.5, 3.0)  # seconds a late copy waits
     intent_deadline: float = 90.0
     unfenced: bool = False  # tests only: the service's store ignores fencing tokens
     plant_duplicate: bool = False  # tests only: a second payment for one intent before the audit
+    # Tests only (Redis): one completed record turned back into what a final write that never
+    # landed leaves (in flight, its lease over, no response), before the audit.
+    plant_unrecorded: bool = False
 
 
 @dataclass
@@ -98,6 +112,10 @@ class StoreRun:
     faults: Counter[str] = field(default_factory=Counter)
     payments: int = 0
     stuck: list[str] = field(default_factory=list)  # keys in flight past their lease
+    namespace: str | None = None  # the run's PostgreSQL schema or Redis key prefix (removed)
+    # Keys in flight past their lease at the first look, each intent then retried once more
+    # (the last retry) before the store is read again: answered, but their outcome not stored.
+    unrecorded: list[str] = field(default_factory=list)
     report: AuditReport = field(default_factory=AuditReport)
     error: str | None = None
 
@@ -122,6 +140,7 @@ class StoreRun:
             "store": self.store,
             "seed": self.seed,
             "processes": self.processes,
+            "namespace": self.namespace,
             "seconds": round(self.duration, 1),
             "intents": self.intents,
             "requests": self.requests,
@@ -132,6 +151,7 @@ class StoreRun:
                 **self.violations,
                 "payments": r.payments,
                 "charges": r.charges,
+                "unrecorded": len(self.unrecorded),
                 "problems": [*r.problems, *self.stuck][:50],
             },
             "error": self.error,
@@ -147,6 +167,12 @@ class StoreRun:
             f"{v['stuck']} inconsistent {v['inconsistent']} other {v['other']} - {verdict}; "
             f"{self.intents} payments, {self.requests} requests, {self.retries} retries, "
             f"{self.replays} replays in {self.duration:.0f} s; faults: {faults}"
+            + (
+                f"; {len(self.unrecorded)} answered but left in flight, taken over by the last "
+                "retry"
+                if self.unrecorded
+                else ""
+            )
             + (f"; error: {self.error}" if self.error else "")
         )
 
@@ -186,7 +212,7 @@ class DuplicatingTransport(httpx.AsyncBaseTransport):
         if draw < self.cfg.duplicate_rate:
             self._copy(request, body, 0.0, "duplicate")
         elif draw < self.cfg.duplicate_rate + self.cfg.reorder_rate:
-            self._copy(request, body, self.rng.uniform(0.5, 3.0), "reorder")
+            self._copy(request, body, self.rng.uniform(*self.cfg.reorder_delay), "reorder")
         response = await self.inner.handle_async_request(request)
         if response.headers.get("idempotent-replayed") == "true":
             self.run.replays += 1
@@ -326,11 +352,21 @@ def _signal(service: ServiceProcess, sig: signal.Signals) -> None:
 async def nemesis(
     cfg: NemesisConfig, run: StoreRun, rng: random.Random, fleet: Fleet, stop: asyncio.Event
 ) -> None:
-    kinds = ["kill", "pause"]
-    if any(p is not None for p in fleet.proxies):
-        kinds += ["store-cut", "store-delay", "store-reset"]
+    process_kinds = ["kill", "pause"]
+    store_kinds = ["store-cut", "store-delay", "store-reset"]
+    if not any(p is not None for p in fleet.proxies):
+        store_kinds = []
+
+    def new_round() -> list[str]:
+        """Every kind once, in a shuffled order, process and store faults alternating (so that
+        even a short run gets both): popped from the end."""
+        ps, ss = rng.sample(process_kinds, 2), rng.sample(store_kinds, len(store_kinds))
+        order = [k for pair in itertools.zip_longest(ps, ss) for k in pair if k is not None]
+        return order[::-1]
+
     busy: set[int] = set()
     jobs: set[asyncio.Task[None]] = set()
+    round_left: list[str] = []
 
     async def strike(kind: str, i: int) -> None:
         service, proxy = fleet.services[i], fleet.proxies[i]
@@ -366,7 +402,9 @@ async def nemesis(
             if not free or (len(free) <= 1 and len(fleet.services) > 1):
                 continue
             i = rng.choice(free)
-            kind = rng.choice(kinds)
+            if not round_left:
+                round_left = new_round()
+            kind = round_left.pop()
             busy.add(i)
             run.faults[kind] += 1
             job = asyncio.create_task(strike(kind, i))
@@ -380,6 +418,33 @@ async def nemesis(
 
 # ---------------------------------------------------------------------------------------------
 # The store's audit and the planted duplicate
+
+
+async def last_retry(clients: Clients, url: str, *, concurrency: int = 12) -> None:
+    """Every intent once more, straight to one process, no fault: a key left in flight past its
+    lease is taken over, and its answer, like every other, must name the payment kept."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def once(client: httpx.AsyncClient, intent: Intent) -> None:
+        outcome = clients.outcomes[intent.number]
+        async with gate:
+            try:
+                response = await client.post(
+                    "/payments", content=intent.body(), headers=intent.headers()
+                )
+            except httpx.HTTPError as exc:
+                outcome.problems.append(f"intent {intent.number}: last retry failed: {exc!r}")
+                return
+        if response.status_code in FINAL:
+            record_final(intent, outcome, response)
+        else:
+            outcome.problems.append(
+                f"intent {intent.number}: last retry answered {response.status_code}: "
+                f"{response.text[:200]}"
+            )
+
+    async with httpx.AsyncClient(base_url=url, timeout=30.0) as client:
+        await asyncio.gather(*(once(client, intent) for intent in clients.intents))
 
 
 def stuck_in_sqlite(path: Path) -> list[str]:
@@ -401,6 +466,63 @@ def stuck_in_postgres(url: str, schema: str) -> list[str]:
             "WHERE state = 'in_flight' AND lease_until < extract(epoch FROM now())"
         ).fetchall()
     return [f"key {k} in flight, lease over {float(late):.1f} s ago" for k, late in rows]
+
+
+def stuck_in_redis(url: str, prefix: str) -> list[str]:
+    """Keys under ``prefix`` in flight past their lease, by the store's own ``stats`` (a SCAN of
+    the prefix on Redis's clock): keys are named by their hash, as stats names them."""
+    from oncely import open_store
+    from oncely.events import Inspectable
+
+    store = open_store(url, prefix=prefix)
+    try:
+        if not isinstance(store, Inspectable):
+            raise TypeError(f"the store {url!r} cannot say what it holds (no stats)")
+        stats = store.stats(limit=STUCK_LIMIT)
+    finally:
+        store.close()
+    stuck = [
+        f"key {k.key_hash} in flight (attempt {k.attempt}), lease over {-k.lease_left:.1f} s ago"
+        for k in stats.in_flight_keys
+        if k.lease_left < 0
+    ]
+    if stats.in_flight > len(stats.in_flight_keys):  # beyond the limit: unlisted, not unseen
+        stuck.append(f"{stats.in_flight - len(stats.in_flight_keys)} more keys in flight")
+    return stuck
+
+
+def _glob(prefix: str) -> str:
+    """A SCAN pattern for every key under ``prefix``, its glob characters escaped."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+
+
+def plant_unrecorded(url: str, prefix: str) -> str:
+    """One completed record under ``prefix`` made in flight again, its lease over and its
+    response gone, as when the response's write never landed (tests only); its Redis key."""
+    import redis
+
+    with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30) as client:
+        seconds, micros = client.time()
+        past = repr(seconds + micros / 1_000_000 - 5.0)
+        for name in client.scan_iter(match=_glob(prefix), count=1000):
+            if client.hget(name, "state") == b"completed":
+                client.hset(name, mapping={"state": "in_flight", "lease_until": past})
+                client.hset(name, "expires_at", past)
+                client.hdel(name, "response")
+                return bytes(name).decode()
+    raise RuntimeError(f"no completed record under {prefix!r} to plant")
+
+
+def delete_redis_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` (the run's own); how many there were."""
+    import redis
+
+    deleted = 0
+    with redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30) as client:
+        names = list(client.scan_iter(match=_glob(prefix), count=1000))
+        for at in range(0, len(names), 1000):
+            deleted += int(client.delete(*names[at : at + 1000]))
+    return deleted
 
 
 PLANT = (
@@ -432,18 +554,26 @@ def _store_url(name: str) -> str:
     return STORES.get(name, name)
 
 
+def _dialect(url: str) -> str:
+    if url.startswith("sqlite"):
+        return "sqlite"
+    return "redis" if url.startswith("redis") else "postgresql"
+
+
 async def run_store(cfg: NemesisConfig, name: str, seed: int, say: Any = print) -> StoreRun:
     url = _store_url(name)
-    dialect = "sqlite" if url.startswith("sqlite") else "postgresql"
+    dialect = _dialect(url)
     run = StoreRun(
         store=dialect if url == STORES.get(dialect) else name, seed=seed, processes=cfg.processes
     )
     rng = random.Random(seed)
     began = time.monotonic()
     schema = f"nemesis_{secrets.token_hex(5)}"
+    prefix = f"nemesis-{secrets.token_hex(5)}:"  # Redis: the run's keys, deleted at the end
+    run.namespace = {"postgresql": schema, "redis": prefix}.get(dialect)
     with tempfile.TemporaryDirectory(prefix="oncely-nemesis-") as tmp:
         workdir = Path(tmp)
-        db = workdir / "payments.db"
+        db = workdir / "payments.db"  # the ledger on SQLite and on Redis (apart from the store)
         proxies: list[StoreProxy | None] = []
         services: list[ServiceProcess] = []
         env_unfenced = {UNFENCED_ENV: "1"} if cfg.unfenced else {}
@@ -452,12 +582,18 @@ async def run_store(cfg: NemesisConfig, name: str, seed: int, say: Any = print) 
                 store = f"sqlite:{db}"
                 extra: list[str] = []
                 proxy: StoreProxy | None = None
-                if dialect == "postgresql":
+                if dialect != "sqlite":
                     target = httpx.URL(url)
-                    proxy = StoreProxy((target.host, target.port or 5432), "postgres")
+                    default_port = 6379 if dialect == "redis" else 5432
+                    protocol = "redis" if dialect == "redis" else "postgres"
+                    proxy = StoreProxy((target.host, target.port or default_port), protocol)
                     proxy.start()
                     store = str(target.copy_with(port=proxy.port))
-                    extra = ["--schema", schema]
+                    if dialect == "redis":
+                        # The ledger in a SQL database apart from the store: a SQLite file.
+                        extra = ["--store-prefix", prefix, "--database", f"sqlite:{db}"]
+                    else:
+                        extra = ["--schema", schema]
                 proxies.append(proxy)
                 command = [
                     sys.executable, "-m", "oncely_payments", "--store", store, *extra,
@@ -469,8 +605,8 @@ async def run_store(cfg: NemesisConfig, name: str, seed: int, say: Any = print) 
                 service = ServiceProcess(command, workdir / f"service-{i}.log", workdir)
                 services.append(service)
             with _env(env_unfenced):
-                for service in services:
-                    await service.start()  # one at a time: the first creates the tables
+                await services[0].start()  # first alone: it creates the tables
+                await asyncio.gather(*(service.start() for service in services[1:]))
                 fleet = Fleet(services, proxies)
                 stop = asyncio.Event()
                 clients = Clients(cfg, run, random.Random(rng.random()), fleet)
@@ -487,7 +623,31 @@ async def run_store(cfg: NemesisConfig, name: str, seed: int, say: Any = print) 
             # Past every lease, so that a key left in flight counts as stuck.
             await asyncio.sleep(cfg.lease + 0.5)
             if cfg.plant_duplicate:
-                plant_duplicate(dialect, str(db) if dialect == "sqlite" else f"{url}#{schema}")
+                plant_duplicate(
+                    "postgresql" if dialect == "postgresql" else "sqlite",
+                    f"{url}#{schema}" if dialect == "postgresql" else str(db),
+                )
+            if cfg.plant_unrecorded:
+                if dialect != "redis":
+                    raise ValueError("plant_unrecorded is for Redis runs")
+                await asyncio.to_thread(plant_unrecorded, url, prefix)
+
+            async def stuck() -> list[str]:
+                if dialect == "sqlite":
+                    return stuck_in_sqlite(db)
+                if dialect == "redis":
+                    return await asyncio.to_thread(stuck_in_redis, url, prefix)
+                return stuck_in_postgres(url, schema)
+
+            run.stuck = await stuck()
+            if run.stuck:
+                # Answered while the outcome's write went on, and the write never landed (the
+                # store down through a lease, the process killed): a retry must take the key
+                # over and answer the payment kept; then nothing may be left in flight.
+                run.unrecorded, run.stuck = run.stuck, []
+                await last_retry(clients, services[0].url)
+                await asyncio.sleep(cfg.lease + 0.5)
+                run.stuck = await stuck()
             async with httpx.AsyncClient(base_url=services[0].url, timeout=30.0) as direct:
                 run.report = await audit(
                     clients.intents,
@@ -496,10 +656,6 @@ async def run_store(cfg: NemesisConfig, name: str, seed: int, say: Any = print) 
                     charges=card_network_charges(workdir / "card-network.db"),
                 )
             run.payments = run.report.payments
-            if dialect == "sqlite":
-                run.stuck = stuck_in_sqlite(db)
-            else:
-                run.stuck = stuck_in_postgres(url, schema)
         except Exception as exc:  # a broken run is a failed run, with its reason
             run.error = f"{type(exc).__name__}: {exc}"
             for service in services:
@@ -519,6 +675,9 @@ async def run_store(cfg: NemesisConfig, name: str, seed: int, say: Any = print) 
 
                     with psycopg.connect(url, autocommit=True) as conn:
                         conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            elif dialect == "redis":
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(delete_redis_prefix, url, prefix)
     return run
 
 
@@ -553,13 +712,16 @@ def parse_args(argv: Sequence[str] | None = None) -> NemesisConfig:
         prog="python -m oncely_payments.nemesis",
         description="The payments service as several processes on one store, under SIGKILL, "
         "SIGSTOP past the lease, store connection faults and duplicated, reordered retries; "
-        "then an audit. Exits 1 on any violation.",
+        "then an audit; the report ends with one audit line per store. Exits 0 when every "
+        "audit is clean, 1 on any violation (or a run that broke), 2 on a usage error. "
+        "With no options: SQLite, PostgreSQL (127.0.0.1:5432, database test) and Redis "
+        f"(127.0.0.1:6379), {d.duration:g} s of faults each, about 5 minutes in all.",
     )
     p.add_argument(
         "--store",
         action="append",
-        help="sqlite, postgresql or a store URL; repeat for several "
-        "(default: sqlite and postgresql)",
+        help="sqlite, postgresql, redis, or a sqlite:, postgresql:// or redis:// URL; repeat "
+        "for several (default: all three, one after another)",
     )
     p.add_argument(
         "--duration", type=_seconds, help=f"seconds of faults per store (default {d.duration:g})"
@@ -569,11 +731,20 @@ def parse_args(argv: Sequence[str] | None = None) -> NemesisConfig:
     p.add_argument("--lease", type=_seconds, default=d.lease, help="seconds (default 2)")
     p.add_argument("--seed", type=int, help="default: random, and shown")
     p.add_argument("--json", type=Path, dest="json_path", help="write the report as JSON here")
+    p.add_argument(
+        "--plant-duplicate",
+        action="store_true",
+        help="tests of the audit only: write a second payment for one intent into the ledger "
+        "before each audit, which must then fail (exit status 1)",
+    )
     a = p.parse_args(argv)
     stores = tuple(a.store or d.stores)
     for store in stores:
-        if store not in STORES and not store.startswith(("sqlite", "postgres")):
-            p.error(f"store {store!r}: sqlite, postgresql, or a sqlite:/postgresql:// URL")
+        if store not in STORES and not store.startswith(("sqlite:", "postgres", "redis://")):
+            p.error(
+                f"store {store!r}: sqlite, postgresql, redis, or a sqlite:, postgresql:// or "
+                "redis:// URL"
+            )
     duration = a.duration or d.duration
     return NemesisConfig(
         stores=stores,
@@ -583,6 +754,7 @@ def parse_args(argv: Sequence[str] | None = None) -> NemesisConfig:
         lease=a.lease,
         seed=a.seed,
         json_path=a.json_path,
+        plant_duplicate=a.plant_duplicate,
     )
 
 
@@ -596,7 +768,12 @@ async def run_all(cfg: NemesisConfig) -> list[StoreRun]:
     runs = []
     for n, store in enumerate(cfg.stores):
         run = await run_store(cfg, store, seed + n)
-        print(run.line(), flush=True)
+        verdict = "ok" if run.ok else "FAILED"
+        print(
+            f"[{n + 1}/{len(cfg.stores)}] {run.store} (seed {run.seed}): {run.intents} payments "
+            f"in {run.duration:.0f} s, audit {verdict}",
+            flush=True,
+        )
         runs.append(run)
     return runs
 
@@ -609,6 +786,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for run in runs:
         for problem in [*run.report.problems, *run.stuck][:10]:
             print(f"  {run.store}: {problem}")
+    for run in runs:  # the report ends with one audit line per store
+        print(run.line())
     return 0 if all(r.ok for r in runs) else 1
 
 

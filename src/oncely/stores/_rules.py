@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import secrets
 import time
+from os import urandom as _urandom  # secrets.token_bytes, without its call
 from typing import Final, Literal
 
 from .._codec import Claimed, Existing, Record, State, StoredResponse
@@ -75,7 +75,7 @@ def new_token(now: float | None = None) -> str:
     ``oncely inspect`` can say how long the current owner has held the key. Stores compare tokens
     for equality only; tokens of older versions (32 hex digits) have no time and stay valid."""
     at = int((time.time() if now is None else now) * 1000)
-    return f"{at:012x}.{secrets.token_hex(10)}"
+    return f"{at:012x}.{_urandom(10).hex()}"  # what secrets.token_hex(10) gives
 
 
 def claimed_at(token: str) -> float | None:
@@ -121,26 +121,21 @@ def claim_rule(
     else:
         attempt, phases = 1, ()
     lease_until = now + lease
+    token = token or new_token()
+    # Positional (the fields in their order): a claim is the hottest rule.
     record = Record(
-        key=key,
-        fingerprint=fingerprint,
-        state=State.IN_FLIGHT,
-        token=token or new_token(),
-        attempt=attempt,
-        lease_until=lease_until,
-        expires_at=lease_until,
-        forget_at=lease_until + ABANDONED_RETENTION,
-        phases=phases,
+        key,
+        fingerprint,
+        State.IN_FLIGHT,
+        token,
+        attempt,
+        lease_until,
+        lease_until,  # expires_at
+        lease_until + ABANDONED_RETENTION,  # forget_at
+        None,  # response
+        phases,
     )
-    claimed = Claimed(
-        key=key,
-        fingerprint=fingerprint,
-        token=record.token,
-        attempt=attempt,
-        lease_until=lease_until,
-        phases=phases,
-    )
-    return claimed, record
+    return Claimed(key, fingerprint, token, attempt, lease_until, phases), record
 
 
 def complete_rule(
@@ -156,12 +151,19 @@ def complete_rule(
         return True, KEEP  # idempotent for its own token: a retry learns it is stored
     if old is None or not owned(old, claim):
         return False, KEEP
-    return True, dataclasses.replace(
-        old,
-        state=State.COMPLETED,
-        expires_at=now + ttl,
-        forget_at=now + ttl + tombstone_ttl,
-        response=response,
+    # dataclasses.replace(old, state=..., expires_at=..., forget_at=..., response=...), without
+    # its walk over the fields
+    return True, Record(
+        old.key,
+        old.fingerprint,
+        State.COMPLETED,
+        old.token,
+        old.attempt,
+        old.lease_until,
+        now + ttl,
+        now + ttl + tombstone_ttl,
+        response,
+        old.phases,
     )
 
 

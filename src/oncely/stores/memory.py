@@ -123,7 +123,7 @@ class MemoryStore:
         with self._lock:
             now = self._clock()
             old = self._records.get(key)
-            if old is None:
+            if old is None and len(self._records) >= self.max_records:
                 self._make_room(now)
             result, change = _rules.claim_rule(old, key, fingerprint, lease=lease, now=now)
             self._apply(key, change)
@@ -206,3 +206,17 @@ class AsyncMemoryStore(AsyncOverSync[MemoryStore]):
     @classmethod
     def from_url(cls, url: str, /, **options: Any) -> AsyncMemoryStore:
         return cls(**_max_records_of(url, options))
+
+    # The operations of a request, each a direct call of the sync store's (no ``_call`` in
+    # between: one coroutine per operation, not two).
+
+    async def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
+        return self.sync.claim(key, fingerprint, lease=lease)
+
+    async def complete(
+        self, claim: Claimed, response: StoredResponse, *, ttl: float, tombstone_ttl: float
+    ) -> bool:
+        return self.sync.complete(claim, response, ttl=ttl, tombstone_ttl=tombstone_ttl)
+
+    async def release(self, claim: Claimed) -> bool:
+        return self.sync.release(claim)

@@ -53,6 +53,10 @@ _COLUMNS = (
     "key, fingerprint, state, token, attempt, lease_until, expires_at, forget_at, response, phases"
 )
 
+# A rowid table: its rows carry whole responses, and SQLite keeps rows that large better beside a
+# key index than inside a WITHOUT ROWID b-tree (measured with benchmarks/stores.py: claims of
+# new keys 30-40 % faster, replays 10-90 %, purge batches twice as fast). A file made as
+# WITHOUT ROWID by an earlier version works unchanged.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS {table} (
     key         TEXT PRIMARY KEY,
@@ -65,8 +69,9 @@ CREATE TABLE IF NOT EXISTS {table} (
     forget_at   REAL NOT NULL,
     response    BLOB,
     phases      TEXT NOT NULL DEFAULT '[]'
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS {table}_forget_at ON {table} (forget_at);
+CREATE INDEX IF NOT EXISTS {table}_strip ON {table} (expires_at) WHERE response IS NOT NULL;
 """
 
 # The claim rule of stores/_rules.py in one statement. In DO UPDATE, bare column names are the
