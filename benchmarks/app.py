@@ -215,11 +215,17 @@ class Ledger:
 
 
 _ledger: Ledger | None = None
+_opening = threading.Lock()
 
 
 def _the_ledger() -> Ledger:
+    """The ledger, opened at startup; or on first use, for an app called without its lifespan
+    (in process, as benchmarks/observe.py does)."""
+    global _ledger
     if _ledger is None:
-        raise RuntimeError("the ledger is opened at startup")
+        with _opening:
+            if _ledger is None:
+                _ledger = Ledger(_sqlite_path("ledger"))
     return _ledger
 
 
@@ -285,8 +291,7 @@ def build() -> Starlette:
     if endpoint == "contract":
 
         async def open_ledger() -> None:
-            global _ledger
-            _ledger = Ledger(_sqlite_path("ledger"))
+            _the_ledger()
 
         async def close_ledger() -> None:
             if _ledger is not None:
