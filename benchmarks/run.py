@@ -894,7 +894,8 @@ def profile(settings: Settings, http_impl: str, prefix: str) -> dict[str, Any]:
     return summary
 
 
-LOOP_THREAD, WORKER_THREADS = "event loop thread", "worker threads (SQLite store, executor)"
+LOOP_THREAD = "event loop thread"
+WORKER_THREADS = "worker threads (SQLite store's executor, FastAPI's thread pool)"
 
 
 def _thread_ticks(pid: int) -> dict[str, int]:
@@ -921,7 +922,11 @@ _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*):(?P<line>\d+)\)$")
 def _bucket(path: str, func: str, worker: bool) -> str | None:
     """Which part of the stack a frame belongs to; None for the stdlib and drivers."""
     if path == str(HERE / "app.py"):
-        return "the endpoint itself (app.py: JSON, validation, response dict)"
+        return "the endpoint itself (app.py: handler, ledger INSERT + COMMIT)"
+    if "/fastapi/" in path:
+        return "FastAPI (request parsing, dependencies, response model, thread-pool hand-off)"
+    if "/pydantic/" in path or "/pydantic_core/" in path:
+        return "pydantic (validation, serialization)"
     if "/oncely/" in path:
         module = path.rsplit("/oncely/", 1)[1]
         if module == "stores/sqlite.py":
@@ -960,7 +965,11 @@ def summarize_profile(text: str) -> dict[str, Any]:
             continue
         count = int(count_text)
         frames = stack.split(";")
-        worker = any("concurrent/futures/thread.py" in frame for frame in frames)
+        worker = any(
+            "concurrent/futures/thread.py" in frame
+            or ("anyio/_backends/" in frame and "WorkerThread" in frame)
+            for frame in frames
+        )
         threads[WORKER_THREADS if worker else LOOP_THREAD] += count
         total += count
         owner = "event loop, sockets, other (asyncio/uvloop, stdlib)"
