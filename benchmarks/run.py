@@ -151,8 +151,10 @@ class Settings:
     output: Path
     quick: bool
     wait_quiet: float
+    deadline: float | None  # epoch seconds: start no round that would end after it
     clean_up: bool
     argv: list[str]
+    planned_rounds: int | None = None  # set when --deadline cut the run short
 
 
 def parse_args(argv: list[str]) -> Settings:
@@ -195,6 +197,11 @@ def parse_args(argv: list[str]) -> Settings:
         metavar="N",
         help=f"runs during which other work took over {NOISY} cores are repeated, up to N "
         "tries in all (default 3); the last try counts",
+    )
+    parser.add_argument(
+        "--deadline",
+        metavar="HH:MM",
+        help="UTC, today: start no round that would end after it (rounds cover every mode)",
     )
     parser.add_argument("--mode", action="append", choices=sorted(MODES), dest="modes")
     parser.add_argument(
@@ -280,9 +287,16 @@ def parse_args(argv: list[str]) -> Settings:
         ),
         quick=quick,
         wait_quiet=args.wait_quiet,
+        deadline=_deadline(args.deadline) if args.deadline else None,
         clean_up=args.clean_up,
         argv=argv,
     )
+
+
+def _deadline(text: str) -> float:
+    hours, _, minutes = text.partition(":")
+    now = datetime.datetime.now(datetime.UTC)
+    return now.replace(hour=int(hours), minute=int(minutes), second=0, microsecond=0).timestamp()
 
 
 # Services and targets ----------------------------------------------------------------------
@@ -760,8 +774,16 @@ def load_runs(
     cpu_ratios: Ratios = defaultdict(list)
     if not targets:
         return runs, ratios, cpu_ratios
-    for mode in settings.modes:
-        for round_ in range(settings.rounds):
+    started = time.monotonic()
+    for round_ in range(settings.rounds):
+        # A round covers every mode, so a run stopped by --deadline has whole rounds of both.
+        if round_ and settings.deadline is not None:
+            per_round = (time.monotonic() - started) / round_
+            if time.time() + per_round > settings.deadline:
+                print(f"  --deadline: stopping after {round_} of {settings.rounds} rounds")
+                settings.planned_rounds, settings.rounds = settings.rounds, round_
+                break
+        for mode in settings.modes:
             order = targets[round_ % len(targets) :] + targets[: round_ % len(targets)]
             before = measure(bare, mode, round_, settings)
             runs.append(before)
@@ -1156,6 +1178,10 @@ def report(
         + (f", plus {settings.handler_us:g} us of CPU per payment" if settings.handler_us else ""),
         f"- Command: `{' '.join(['python3 benchmarks/run.py', *settings.argv])}`",
     ]
+    if settings.planned_rounds:
+        out.append(
+            f"- Cut short by --deadline: {settings.rounds} of {settings.planned_rounds} rounds"
+        )
     out += [f"- {note}" for note in notes]
     if runs:
         other = sorted(r.other_cpu for r in runs)
