@@ -127,6 +127,22 @@ DECISION_FIELDS = (
 )
 
 
+def _read_hash(
+    decision: Decision,
+    found: str | None,
+    raw: str | None,
+    hash_of: Callable[[str], str],
+    keep_hash: Callable[[Decision, str | None], None],
+    keep_raw: Callable[[Decision, str | None], None],
+) -> str | None:
+    """A decision's hash, made from its raw value when first read (the raw value then let go)."""
+    if found is None and raw is not None:
+        found = hash_of(raw)
+        keep_hash(decision, found)
+        keep_raw(decision, None)
+    return found
+
+
 class Decision:
     """One decision about one request (or one call of an ``@idempotent`` function). Immutable.
 
@@ -267,26 +283,14 @@ class Decision:
     @property
     def key_hash(self) -> str | None:
         """A short hash (hex) of the storage key; never the raw value. None: no key."""
-        found: str | None = self._key_hash
-        if found is None:
-            raw = self._key
-            if raw is not None:
-                found = _key_hash(raw)
-                _d_key_hash(self, found)
-                _d_key(self, None)
-        return found
+        return _read_hash(self, self._key_hash, self._key, _key_hash, _d_key_hash, _d_key)
 
     @property
     def tenant_hash(self) -> str | None:
         """A short hash (hex) of the tenant; never the raw value. None: no tenant."""
-        found: str | None = self._tenant_hash
-        if found is None:
-            raw = self._tenant
-            if raw is not None:
-                found = _tenant_hash(raw)
-                _d_tenant_hash(self, found)
-                _d_tenant(self, None)
-        return found
+        return _read_hash(
+            self, self._tenant_hash, self._tenant, _tenant_hash, _d_tenant_hash, _d_tenant
+        )
 
     __setattr__ = _frozen
     __delattr__ = _frozen_del
