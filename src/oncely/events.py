@@ -168,21 +168,7 @@ class Decision:
         "surface",
         "total_seconds",
     )
-    __match_args__ = (
-        "outcome",
-        "route",
-        "surface",
-        "store",
-        "method",
-        "attempt",
-        "status",
-        "store_seconds",
-        "total_seconds",
-        "response_size",
-        "key_hash",
-        "tenant_hash",
-        "operations",
-    )
+    __match_args__ = DECISION_FIELDS
 
     outcome: Outcome
     #: The route's template ("/payments/{id}"), or the function's prefix; never the raw path.
@@ -263,17 +249,20 @@ class Decision:
         """The core's decision: its key and tenant hashed from ``storage_key`` and ``tenant``
         when first read."""
         self = _new(cls)
-        _d_outcome(self, outcome)
-        _d_route(self, route)
-        _d_surface(self, surface)
-        _d_store(self, store)
-        _d_method(self, method)
-        _d_attempt(self, attempt)
-        _d_status(self, status)
-        _d_store_seconds(self, store_seconds)
-        _d_total_seconds(self, total_seconds)
-        _d_response_size(self, response_size)
-        _d_operations(self, operations)
+        _init_decision(
+            self,
+            outcome,
+            route,
+            surface,
+            store,
+            method,
+            attempt,
+            status,
+            store_seconds,
+            total_seconds,
+            response_size,
+            operations,
+        )
         _d_key_hash(self, None)
         _d_tenant_hash(self, None)
         _d_key(self, storage_key)
