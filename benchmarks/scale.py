@@ -221,7 +221,7 @@ async def one_store(kind: str, args: argparse.Namespace, scratch: Path, run: str
     try:
         if not args.skip_compare:
             await compare(kind, args, empty, full)
-        for pause in args.purge_pause or [None]:
+        for pause in [] if args.skip_purge else args.purge_pause or [None]:
             await fill(expired, args.records, ttl=0.001, tombstone_ttl=0.0)
             await asyncio.sleep(1.0)
             p = await purge_under_load(
@@ -256,7 +256,8 @@ async def main() -> None:
         type=lambda t: None if t == "auto" else float(t),
         help="auto (default: as long as the batch took) or seconds; repeat to compare",
     )
-    parser.add_argument("--skip-compare", action="store_true", help="only the purge (and size)")
+    parser.add_argument("--skip-compare", action="store_true", help="only the purge")
+    parser.add_argument("--skip-purge", action="store_true", help="only the size and the compare")
     args = parser.parse_args()
     if args.records < 1:
         parser.error("--records must be at least 1")

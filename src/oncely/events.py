@@ -127,6 +127,22 @@ DECISION_FIELDS = (
 )
 
 
+def _read_hash(
+    decision: Decision,
+    found: str | None,
+    raw: str | None,
+    hash_of: Callable[[str], str],
+    keep_hash: Callable[[Decision, str | None], None],
+    keep_raw: Callable[[Decision, str | None], None],
+) -> str | None:
+    """A decision's hash, made from its raw value when first read (the raw value then let go)."""
+    if found is None and raw is not None:
+        found = hash_of(raw)
+        keep_hash(decision, found)
+        keep_raw(decision, None)
+    return found
+
+
 class Decision:
     """One decision about one request (or one call of an ``@idempotent`` function). Immutable.
 
@@ -152,21 +168,7 @@ class Decision:
         "surface",
         "total_seconds",
     )
-    __match_args__ = (
-        "outcome",
-        "route",
-        "surface",
-        "store",
-        "method",
-        "attempt",
-        "status",
-        "store_seconds",
-        "total_seconds",
-        "response_size",
-        "key_hash",
-        "tenant_hash",
-        "operations",
-    )
+    __match_args__ = DECISION_FIELDS
 
     outcome: Outcome
     #: The route's template ("/payments/{id}"), or the function's prefix; never the raw path.
@@ -247,17 +249,20 @@ class Decision:
         """The core's decision: its key and tenant hashed from ``storage_key`` and ``tenant``
         when first read."""
         self = _new(cls)
-        _d_outcome(self, outcome)
-        _d_route(self, route)
-        _d_surface(self, surface)
-        _d_store(self, store)
-        _d_method(self, method)
-        _d_attempt(self, attempt)
-        _d_status(self, status)
-        _d_store_seconds(self, store_seconds)
-        _d_total_seconds(self, total_seconds)
-        _d_response_size(self, response_size)
-        _d_operations(self, operations)
+        _init_decision(
+            self,
+            outcome,
+            route,
+            surface,
+            store,
+            method,
+            attempt,
+            status,
+            store_seconds,
+            total_seconds,
+            response_size,
+            operations,
+        )
         _d_key_hash(self, None)
         _d_tenant_hash(self, None)
         _d_key(self, storage_key)
@@ -267,26 +272,14 @@ class Decision:
     @property
     def key_hash(self) -> str | None:
         """A short hash (hex) of the storage key; never the raw value. None: no key."""
-        found: str | None = self._key_hash
-        if found is None:
-            raw = self._key
-            if raw is not None:
-                found = _key_hash(raw)
-                _d_key_hash(self, found)
-                _d_key(self, None)
-        return found
+        return _read_hash(self, self._key_hash, self._key, _key_hash, _d_key_hash, _d_key)
 
     @property
     def tenant_hash(self) -> str | None:
         """A short hash (hex) of the tenant; never the raw value. None: no tenant."""
-        found: str | None = self._tenant_hash
-        if found is None:
-            raw = self._tenant
-            if raw is not None:
-                found = _tenant_hash(raw)
-                _d_tenant_hash(self, found)
-                _d_tenant(self, None)
-        return found
+        return _read_hash(
+            self, self._tenant_hash, self._tenant, _tenant_hash, _d_tenant_hash, _d_tenant
+        )
 
     __setattr__ = _frozen
     __delattr__ = _frozen_del
