@@ -21,10 +21,11 @@ since nothing else takes time. With ``--app``, the benchmark app of ``--server``
 way: what a server adds is left out.
 
 With ``--server``, each mode is its own uvicorn server running the benchmark app
-(``benchmarks/app.py``: its payments endpoint behind oncely on the memory store, the mode given
-as ``BENCH_OBSERVE``; one worker, uvloop, httptools, no access log, pinned to CPU 0 where
-``taskset`` exists) and wrk, another process pinned to CPU 1, loads it with ``load.lua`` (32
-connections). Needs wrk (Debian: apt-get install wrk).
+(``benchmarks/app.py``: its light payments endpoint behind oncely on the memory store, the mode
+given as ``BENCH_OBSERVE``; ``BENCH_ENDPOINT=contract`` for the FastAPI + SQLite one; one worker,
+uvloop, httptools, no access log, pinned to CPU 0 where ``taskset`` exists) and wrk, another
+process pinned to CPU 1, loads it with ``load.lua`` (32 connections). Needs wrk (Debian:
+apt-get install wrk).
 
 Each mode runs with new keys (claim, run, complete) and with replays (claim finds the answer).
 Prints, per mode, requests/s (median of the rounds, min-max) and the ratio to ``off``: the
@@ -85,6 +86,7 @@ def make_app(mode: str, bench_app: bool = False) -> tuple[Any, bytes, bytes]:
     handler behind ``oncely.asgi``, or (``bench_app``) the benchmark app of ``--server``."""
     if bench_app:
         os.environ.update(BENCH_TARGET="oncely", BENCH_STORE="memory", BENCH_PREFIX="observe")
+        os.environ.setdefault("BENCH_ENDPOINT", "light")
         os.environ["BENCH_SCRATCH"] = tempfile.mkdtemp(prefix="oncely-observe-")
         os.environ["BENCH_OBSERVE"] = "off" if mode == "off" else "metrics"  # logs: ours
         sys.path.insert(0, str(HERE))
@@ -203,6 +205,7 @@ def _serve(mode: str, scratch: Path) -> tuple[subprocess.Popen[bytes], int]:
         "BENCH_OBSERVE": mode,
         "BENCH_SCRATCH": str(workdir),
         "BENCH_PREFIX": "observe",
+        "BENCH_ENDPOINT": os.environ.get("BENCH_ENDPOINT", "light"),
     }
     command = [sys.executable, "-m", "uvicorn", "--factory", "app:build", "--port", str(port)]
     command += ["--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level"]
