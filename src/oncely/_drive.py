@@ -339,8 +339,8 @@ class _AsyncOps:
         if kind is Claim:
             claim: Claim = op  # type: ignore[assignment]  # its exact type, just checked
             call = store.claim(claim.key, claim.fingerprint, lease=claim.lease)
-        elif kind is Run or (kind is not Complete and isinstance(op, Run)):
-            run: Run = op  # type: ignore[assignment]  # just checked
+        elif isinstance(op, Run):
+            run = op
             assert self.run_app is not None
             if run.claim is not None and run.lease is not None:
                 self.renewal = _AsyncRenewal(store, run.claim, run.lease, self.timeout)
@@ -443,9 +443,8 @@ async def adrive(
     try:
         result, detached = await _arun(steps, ops, writes)
     finally:
-        renewal = ops.renewal
-        if not detached and renewal is not None and not renewal.cancel():
-            await renewal.stop()
+        if not detached and ops.renewal is not None:
+            await ops.stop()
     if watch is not None:
         await watch.observer.aemit(watch.decided(result))  # type: ignore[arg-type]  # a flow's
     return result

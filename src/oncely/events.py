@@ -109,23 +109,6 @@ _op_started = StoreOperation.__dict__["started"].__set__
 _op_seconds = StoreOperation.__dict__["seconds"].__set__
 _op_failed = StoreOperation.__dict__["failed"].__set__
 
-#: The public fields of a :class:`Decision`, in order (its constructor's arguments).
-DECISION_FIELDS = (
-    "outcome",
-    "route",
-    "surface",
-    "store",
-    "method",
-    "attempt",
-    "status",
-    "store_seconds",
-    "total_seconds",
-    "response_size",
-    "key_hash",
-    "tenant_hash",
-    "operations",
-)
-
 
 def _read_hash(
     decision: Decision,
@@ -168,7 +151,21 @@ class Decision:
         "surface",
         "total_seconds",
     )
-    __match_args__ = DECISION_FIELDS
+    __match_args__ = (
+        "outcome",
+        "route",
+        "surface",
+        "store",
+        "method",
+        "attempt",
+        "status",
+        "store_seconds",
+        "total_seconds",
+        "response_size",
+        "key_hash",
+        "tenant_hash",
+        "operations",
+    )
 
     outcome: Outcome
     #: The route's template ("/payments/{id}"), or the function's prefix; never the raw path.
@@ -347,6 +344,8 @@ def _tenant_hash(tenant: str) -> str:
 
 
 _new = object.__new__
+#: The public fields of a :class:`Decision`, in order (its constructor's arguments).
+DECISION_FIELDS = Decision.__match_args__
 _d_key = Decision.__dict__["_key"].__set__
 _d_key_hash = Decision.__dict__["_key_hash"].__set__
 _d_tenant = Decision.__dict__["_tenant"].__set__
