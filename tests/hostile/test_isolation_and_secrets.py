@@ -25,8 +25,14 @@ from .test_asgi_hostile import _exchange
 
 Message = MutableMapping[str, Any]
 
-# (tenant, key) pairs that share the same concatenation "a:b:c" and the same key.
-PAIRS = [("a", "b:c"), ("a:b", "c"), ("t1", "same-key"), ("t2", "same-key")]
+# (tenant, key) pairs that share the same concatenation "ten-a:key-b:key-c" and the same key.
+# The keys are long and not hex, so that no random token or hash in a store can contain them.
+PAIRS = [
+    ("ten-a", "key-b:key-c"),
+    ("ten-a:key-b", "key-c"),
+    ("t1", "same-key"),
+    ("t2", "same-key"),
+]
 
 
 @asynccontextmanager
@@ -172,7 +178,7 @@ def test_tenants_never_share_a_key_and_no_secret_is_stored(name: str, tmp_path: 
             for value in (raw_key, f"AUTH-{secret}", f"COOKIE-{secret}", secret):
                 assert not _seen(value.encode(), raw), (name, value)
             assert not _seen(b"same-key", raw)
-            assert not _seen(b"b:c", raw)
+            assert not _seen(b"key-b:key-c", raw)
 
     asyncio.run(main())
 
@@ -209,5 +215,5 @@ def test_wsgi_tenants_never_share_a_key() -> None:
     assert all(s.startswith("201") for s in statuses), statuses
     assert sorted(runs) == sorted(t for t, _ in PAIRS)
     raw = repr(store._records).encode()
-    for value in (b"AUTH-wsgi-secret", b"COOKIE-wsgi-secret", b"same-key", b"b:c"):
+    for value in (b"AUTH-wsgi-secret", b"COOKIE-wsgi-secret", b"same-key", b"key-b:key-c"):
         assert value not in raw
