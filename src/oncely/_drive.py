@@ -24,7 +24,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Generator
 from typing import Generic, TypeVar
 
-from ._codec import Claimed, Existing
+from ._codec import Claimed
 from ._errors import StoreUnavailable
 from ._flow import (
     CLOCK,
@@ -48,6 +48,8 @@ from ._observe import Watch
 from .stores import AsyncStore, Store
 
 __all__ = ["BackgroundThreads", "BackgroundWrites", "adrive", "drive"]
+
+_perf_counter = time.perf_counter
 
 log = logging.getLogger("oncely")
 
@@ -89,24 +91,6 @@ def _limit(store: object, store_timeout: float) -> float | None:
     # Stores in this process (memory, SQLite) bound their own waits (SQLite's busy_timeout);
     # a timer per operation would cost more than the operation.
     return None if getattr(store, "in_process", False) else store_timeout
-
-
-_OP_NAMES: dict[type, str] = {
-    Claim: "claim",
-    Complete: "complete",
-    Release: "release",
-    RecordPhase: "record_phase",
-}
-
-
-def _noted(watch: Watch, op: Op, result: object) -> None:
-    """What a decision reports of a store operation's result: the attempt, the size kept."""
-    if isinstance(result, Claimed):
-        watch.attempt = result.attempt
-    elif isinstance(result, Existing):
-        watch.attempt = result.record.attempt
-    elif isinstance(op, Complete) and result is not False:
-        watch.kept_size = len(op.response.body)
 
 
 def _logged_loss(lease: Lease, key: str) -> None:
@@ -363,23 +347,20 @@ class _AsyncOps:
             assert isinstance(op, RecordPhase), op
             call = store.record_phase(op.claim, op.name, op.data)
         limit, watch = self.limit, self.watch
-        if watch is None:
-            if limit is not None:
-                return await _call_store(call, limit)
-            try:  # what _call_store does, without a coroutine of its own
-                return await call
-            except StoreUnavailable:
-                raise
-            except Exception as exc:
-                raise _store_error(exc, None) from exc
-        wall, began = time.time(), time.perf_counter()
+        began = _perf_counter() if watch is not None else 0.0
         try:
-            result = await _call_store(call, limit)
-        except StoreUnavailable:
-            watch.operation(_OP_NAMES[type(op)], wall, began, failed=True)
-            raise
-        watch.operation(_OP_NAMES[type(op)], wall, began, failed=False)
-        _noted(watch, op, result)
+            if limit is not None:
+                result = await _call_store(call, limit)
+            else:  # what _call_store does, without a coroutine of its own
+                result = await call
+        except Exception as exc:
+            if watch is not None:
+                watch.operation(op, began, exc)
+            if isinstance(exc, StoreUnavailable):
+                raise
+            raise _store_error(exc, None) from exc
+        if watch is not None:
+            watch.operation(op, began, result)
         return result
 
     async def stop(self) -> None:
@@ -446,7 +427,9 @@ async def adrive(
         if not detached and ops.renewal is not None:
             await ops.stop()
     if watch is not None:
-        await watch.observer.aemit(watch.decided(result))  # type: ignore[arg-type]  # a flow's
+        decision = watch.decided(result)  # type: ignore[arg-type]  # a flow's
+        if decision is not None:
+            await watch.observer.aemit(decision)
     return result
 
 
@@ -563,14 +546,13 @@ class _SyncOps:
         watch = self.watch
         if watch is None:
             return self._store_op(op)
-        wall, began = time.time(), time.perf_counter()
+        began = _perf_counter()
         try:
             result = self._store_op(op)
-        except StoreUnavailable:
-            watch.operation(_OP_NAMES[type(op)], wall, began, failed=True)
+        except StoreUnavailable as exc:
+            watch.operation(op, began, exc)
             raise
-        watch.operation(_OP_NAMES[type(op)], wall, began, failed=False)
-        _noted(watch, op, result)
+        watch.operation(op, began, result)
         return result
 
     def _store_op(self, op: Op) -> object:
@@ -650,5 +632,7 @@ def drive(
         if not detached:
             ops.stop()
     if watch is not None:
-        watch.observer.emit(watch.decided(result))  # type: ignore[arg-type]  # a flow's
+        decision = watch.decided(result)  # type: ignore[arg-type]  # a flow's
+        if decision is not None:
+            watch.observer.emit(decision)
     return result

@@ -7,7 +7,9 @@
              ─► observer.refused(watch, problem)
 
 Nobody listens when no ``on_decision`` hook is set and the ``oncely.decisions`` logger is not
-enabled for INFO: then :meth:`Observer.start` returns None and a request pays one check.
+enabled for INFO: then :meth:`Observer.start` returns None and a request pays one check. When
+the one hook is a :class:`~oncely.events.CountingHook` (``Metrics``) and the log is off, the
+watch is a :class:`CountingWatch`: it counts into the hook itself and ``decided`` gives None.
 
 Hooks are called in order, in the request's own context (so the request's trace span is the
 current one). A hook that raises is counted (:attr:`Observer.hook_failures`, and by any hook
@@ -28,6 +30,7 @@ import time
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any
 
+from ._codec import Claimed, Existing
 from ._errors import (
     ConfigurationError,
     KeyInFlight,
@@ -40,13 +43,28 @@ from ._errors import (
     ResponseNotReplayable,
     StoreUnavailable,
 )
-from ._flow import AppFailed, Failed, Fresh, Outcome, PassThrough, Ran, Refuse, Replay
+from ._flow import (
+    AppFailed,
+    Claim,
+    Complete,
+    Failed,
+    Fresh,
+    Outcome,
+    PassThrough,
+    Ran,
+    RecordPhase,
+    Refuse,
+    Release,
+    Replay,
+)
 from ._keys import key_hash, tenant_hash
-from .events import Decision, DecisionHook, StoreOperation, Surface
+from .events import CountingHook, Decision, DecisionHook, StoreOperation, Surface
 from .events import Outcome as OutcomeName
 
 __all__ = [
+    "OP_NAMES",
     "UNMATCHED",
+    "CountingWatch",
     "Observer",
     "Watch",
     "hooks_of",
@@ -100,27 +118,86 @@ def _framework_template(raw: Mapping[str, Any], app: object) -> str | None:
     template is found the way the app will find it: its routes' own ``matches`` (mounts
     followed), as starlette-exporter does. Duck-typed: nothing is imported.
     """
-    route = raw.get("route")
-    path = getattr(route, "path", None)
-    if isinstance(path, str):
-        return path
+    global _last_routing
+    if "route" in raw:
+        path = getattr(raw["route"], "path", None)
+        if isinstance(path, str):
+            return path
     if "wsgi.version" in raw:
         return _werkzeug_template(raw, app)
-    routes = _routes_of(raw.get("app")) if "app" in raw else None
-    if routes is None and app is not None:
-        routes = _routes_of(app)
+    owner = raw.get("app")
+    routing = _last_routing
+    if routing is None or routing.owner is not owner or routing.app is not app:
+        routing = _routings.get((id(owner), id(app)))
+        if routing is None or routing.owner is not owner or routing.app is not app:
+            routing = _Routing.of(owner, app)
+        _last_routing = routing
+    routes = routing.routes
     if routes is None:
         return None
-    return _matched(routes, raw)
+    if routing.plain and len(routes) != routing.size:
+        # a route added or removed: its answers start again
+        routing = _last_routing = _Routing.of(owner, app)
+        routes = routing.routes
+        if routes is None:
+            return None
+    if not routing.plain:
+        return _match(routes, dict(raw), "")
+    key = (raw["type"], raw["path"], raw.get("root_path"), raw["method"])  # an ASGI scope's
+    found = routing.templates.get(key, _UNKNOWN)
+    if found is _UNKNOWN:
+        found = _match(routes, dict(raw), "")
+        if len(routing.templates) >= _CACHED_PATHS:
+            routing.templates.clear()
+        routing.templates[key] = found
+    return found  # type: ignore[return-value]  # a template or None, never _UNKNOWN here
 
 
 #: Route kinds whose match depends on the scope's type, path, root path and method only (a
 #: ``Host`` route reads the headers, a route of a kind unknown here may read anything).
 _PLAIN_ROUTES = frozenset({"Route", "APIRoute", "WebSocketRoute", "APIWebSocketRoute", "Mount"})
-_CACHED_PATHS = 1024  # per routes object; past it the cache starts again (ids in paths)
+_CACHED_PATHS = 1024  # per app; past it the answers start again (ids in paths)
 _CACHED_APPS = 64
-#: id(routes) -> (routes, how many, cacheable, (type, path, root_path, method) -> template)
-_route_cache: dict[int, tuple[Any, int, bool, dict[tuple[Any, ...], str | None]]] = {}
+_UNKNOWN = object()
+
+
+class _Routing:
+    """The routes a middleware's requests are matched against, and what they matched.
+
+    Found once per (scope's app, wrapped app): the scope's app's routes (Starlette puts itself
+    in the scope), else those of the app the middleware wraps, else none (a plain ASGI app,
+    whose label is its ``Route`` pattern). The routes object is held; a route added to it or
+    removed from it (its length changes) starts the answers again (a routes list replaced by
+    another is not seen). When every route's match depends on the scope's type, path, root
+    path and method alone, answers are kept by those.
+    """
+
+    __slots__ = ("app", "owner", "plain", "routes", "size", "templates")
+
+    def __init__(self, owner: object, app: object, routes: Any) -> None:
+        self.owner, self.app, self.routes = owner, app, routes
+        try:
+            self.size = len(routes) if routes is not None else 0
+            self.plain = routes is not None and _plain(routes)
+        except TypeError:  # routes that cannot say how many: matched each time
+            self.size, self.plain = 0, False
+        self.templates: dict[tuple[Any, ...], str | None] = {}
+
+    @classmethod
+    def of(cls, owner: object, app: object) -> _Routing:
+        routes = _routes_of(owner) if owner is not None else None
+        if routes is None and app is not None:
+            routes = _routes_of(app)
+        routing = cls(owner, app, routes)
+        if len(_routings) >= _CACHED_APPS:
+            _routings.clear()
+        _routings[(id(owner), id(app))] = routing
+        return routing
+
+
+#: (id of the scope's app, id of the wrapped app) -> their routing (both held: ids not reused)
+_routings: dict[tuple[int, int], _Routing] = {}
+_last_routing: _Routing | None = None  # the routing asked last, asked first
 
 
 def _plain(routes: Iterable[Any], depth: int = 0) -> bool:
@@ -131,35 +208,6 @@ def _plain(routes: Iterable[Any], depth: int = 0) -> bool:
         if inner is not None and (depth > 8 or not _plain(inner, depth + 1)):
             return False
     return True
-
-
-def _matched(routes: Any, raw: Mapping[str, Any]) -> str | None:
-    """:func:`_match`, its answer kept per scope type, path, root path and method when every
-    route's match depends on those alone (the routes object is held, so its id is not reused;
-    a route added or removed at its top level starts its cache again)."""
-    try:
-        size = len(routes)
-    except TypeError:
-        return _match(routes, dict(raw), "")
-    cached = _route_cache.get(id(routes))
-    if cached is None or cached[0] is not routes or cached[1] != size:
-        if len(_route_cache) >= _CACHED_APPS:
-            _route_cache.clear()
-        cached = (routes, size, _plain(routes), {})
-        _route_cache[id(routes)] = cached
-    if not cached[2]:
-        return _match(routes, dict(raw), "")
-    paths = cached[3]
-    key = (raw.get("type"), raw.get("path"), raw.get("root_path"), raw.get("method"))
-    try:
-        return paths[key]
-    except KeyError:
-        pass
-    found = _match(routes, dict(raw), "")
-    if len(paths) >= _CACHED_PATHS:
-        paths.clear()
-    paths[key] = found
-    return found
 
 
 def _url_map_of(app: object) -> Any:
@@ -264,8 +312,20 @@ def _problem_outcome(problem: ProblemError) -> OutcomeName:
     return "store_unavailable" if problem.status >= 500 else "malformed_key"
 
 
+#: The name a decision gives each kind of store operation.
+OP_NAMES: dict[type, str] = {
+    Claim: "claim",
+    Complete: "complete",
+    Release: "release",
+    RecordPhase: "record_phase",
+}
+
+
 class Watch:
-    """One request or call as it is decided: the store's time, the claim, the app's answer."""
+    """One request or call as it is decided: the store's time, the claim, the app's answer.
+
+    The driver tells it each store operation (:meth:`operation`) and the app's answer
+    (``ran``); once the flow has an outcome, :meth:`decided` gives the decision to emit."""
 
     __slots__ = (
         "attempt",
@@ -280,11 +340,12 @@ class Watch:
         "storage_key",
         "store_seconds",
         "tenant",
+        "wall",
     )
 
     def __init__(self, observer: Observer, method: str, route: str) -> None:
         self.observer, self.method, self.route = observer, method, route
-        self.started = _perf_counter()
+        self.started, self.wall = _perf_counter(), _time()
         self.operations: list[StoreOperation] = []
         self.store_seconds = 0.0
         self.attempt: int | None = None
@@ -294,10 +355,25 @@ class Watch:
         self.tenant: str | None = None
         self.emitted = False
 
-    def operation(self, name: str, wall: float, began: float, *, failed: bool) -> None:
+    def operation(self, op: object, began: float, result: object) -> None:
+        """A store operation ``op`` that began at ``began`` (``time.perf_counter()``) ended now
+        with ``result``: what the store answered, or the exception it raised."""
         seconds = _perf_counter() - began
         self.store_seconds += seconds
-        self.operations.append(StoreOperation(name, wall, seconds, failed))
+        wall = self.wall + (began - self.started)
+        failed = isinstance(result, Exception)
+        self.operations.append(StoreOperation(OP_NAMES[type(op)], wall, seconds, failed))
+        if not failed:
+            self._note(op, result)
+
+    def _note(self, op: object, result: object) -> None:
+        """What a decision reports of a store operation's result: the attempt, the size kept."""
+        if isinstance(result, Claimed):
+            self.attempt = result.attempt
+        elif isinstance(result, Existing):
+            self.attempt = result.record.attempt
+        elif isinstance(op, Complete) and result is not False:
+            self.kept_size = len(op.response.body)
 
     def _status(self, outcome: Outcome) -> int | None:
         if isinstance(outcome, Replay):
@@ -313,42 +389,36 @@ class Watch:
                 return 500
         return ran.status if ran is not None else None
 
-    def decided(self, outcome: Outcome) -> Decision:
-        """The decision ``outcome`` comes to."""
-        size: int | None = None
-        name: OutcomeName
-        if isinstance(outcome, Fresh):  # the two common outcomes first, and their status
+    def _named(self, outcome: Outcome) -> tuple[OutcomeName, int | None]:
+        """The outcome's name, and the size a decision reports (the answer kept or replayed)."""
+        if isinstance(outcome, Fresh):  # the two common outcomes first
             if outcome.superseded or outcome.lost_lease:
-                name = "lease_lost"
-            elif outcome.store_error is not None:
-                name = "store_unavailable"
-            elif outcome.stored or outcome.deferred:
-                name, size = "executed", self.kept_size
-            else:
-                name = "released_error"  # an error status, not kept: the key was freed
-            ran = self.ran
-            if isinstance(ran, Ran):
-                return self._decision(name, ran.status, size)
-        elif isinstance(outcome, Replay):
-            response = outcome.response
-            return self._decision("replayed", response.status, len(response.body))
-        elif isinstance(outcome, Refuse):
-            name = _problem_outcome(outcome.error)
-        elif isinstance(outcome, Failed):
+                return "lease_lost", None
             if outcome.store_error is not None:
-                name = "store_unavailable"
-            elif outcome.response is not None:
-                name, size = "executed", len(outcome.response.body)
-            else:
-                name = "released_error"
-        else:
-            assert isinstance(outcome, PassThrough)
-            name = "store_unavailable"  # fail_open: the app ran unprotected
-        status = self._status(outcome)
-        return self._decision(name, status, size)
+                return "store_unavailable", None
+            if outcome.stored or outcome.deferred:
+                return "executed", self.kept_size
+            return "released_error", None  # an error status, not kept: the key was freed
+        if isinstance(outcome, Replay):
+            return "replayed", len(outcome.response.body)
+        if isinstance(outcome, Refuse):
+            return _problem_outcome(outcome.error), None
+        if isinstance(outcome, Failed):
+            if outcome.store_error is not None:
+                return "store_unavailable", None
+            if outcome.response is not None:
+                return "executed", len(outcome.response.body)
+            return "released_error", None
+        assert isinstance(outcome, PassThrough)
+        return "store_unavailable", None  # fail_open: the app ran unprotected
 
-    def refused(self, problem: ProblemError) -> Decision:
-        """The decision for a request refused before the flow."""
+    def decided(self, outcome: Outcome) -> Decision | None:
+        """The decision ``outcome`` comes to, to emit (None: it is counted already)."""
+        name, size = self._named(outcome)
+        return self._decision(name, self._status(outcome), size)
+
+    def refused(self, problem: ProblemError) -> Decision | None:
+        """The decision for a request refused before the flow (None: counted already)."""
         return self._decision(_problem_outcome(problem), problem.status, None)
 
     def _decision(self, name: OutcomeName, status: int | None, size: int | None) -> Decision:
@@ -371,7 +441,54 @@ class Watch:
         )
 
 
+class CountingWatch(Watch):
+    """The watch of a surface whose one hook is a :class:`~oncely.events.CountingHook` and
+    whose decision log is off: each store operation's time and the outcome go straight to the
+    hook's count when the request is decided; no Decision or StoreOperation is made, and the
+    clock is read only around store operations."""
+
+    __slots__ = ("timed",)
+
+    def __init__(self, observer: Observer, route: str) -> None:
+        self.observer, self.route = observer, route
+        self.timed: list[tuple[str, float]] = []
+        self.kept_size: int | None = None
+        self.emitted = False
+
+    def operation(self, op: object, began: float, result: object) -> None:
+        kind = type(op)
+        self.timed.append((OP_NAMES[kind], _perf_counter() - began))
+        if kind is Complete and result is not False and not isinstance(result, Exception):
+            self.kept_size = len(op.response.body)  # type: ignore[attr-defined]  # a Complete
+
+    def decided(self, outcome: Outcome) -> None:
+        name: OutcomeName
+        if type(outcome) is Replay:  # the most frequent, named here without a call
+            name, size = "replayed", None
+        else:
+            name, size = self._named(outcome)
+        observer = self.observer
+        self.emitted = True
+        hook = observer.counting
+        assert hook is not None  # a CountingWatch is made only for a counting hook
+        try:
+            hook.count(
+                name,
+                self.route,
+                observer.surface,
+                observer.store,
+                size if name == "executed" else None,
+                self.timed,
+            )
+        except Exception as exc:
+            observer._failed(hook, exc)
+
+    def refused(self, problem: ProblemError) -> None:
+        self.decided(Refuse(problem))
+
+
 _perf_counter = time.perf_counter
+_time = time.time
 _hashing = Decision._hashing
 
 
@@ -456,7 +573,7 @@ class _HookLoop:
 class Observer:
     """The ``on_decision`` hooks of one surface, and the count of their failures."""
 
-    __slots__ = ("hook_failures", "hooks", "store", "surface")
+    __slots__ = ("counting", "hook_failures", "hooks", "store", "surface")
 
     def __init__(
         self,
@@ -469,6 +586,10 @@ class Observer:
         self.store = store_kind(store)
         #: How many times a hook raised (each failure is also logged on ``oncely``).
         self.hook_failures = 0
+        #: The one hook, when it only counts: it is told each decision straight from its watch.
+        self.counting: CountingHook | None = None
+        if len(self.hooks) == 1 and isinstance(self.hooks[0], CountingHook):
+            self.counting = self.hooks[0]
 
     def start(
         self, method: str, raw: Mapping[str, Any], route: str | None, app: object = None
@@ -476,7 +597,11 @@ class Observer:
         """A watch for one request (``raw``: its ASGI scope or WSGI environ; ``route``: the
         pattern of the Route that matched; ``app``: the app the middleware wraps), or None
         when nobody listens."""
-        if self.hooks or decisions_log.isEnabledFor(logging.INFO):
+        if decisions_log.isEnabledFor(logging.INFO):
+            return Watch(self, method, route_template(raw, route, app))
+        if self.counting is not None:
+            return CountingWatch(self, route_template(raw, route, app))
+        if self.hooks:
             return Watch(self, method, route_template(raw, route, app))
         return None
 
@@ -521,8 +646,12 @@ class Observer:
     def refused(self, watch: Watch | None, problem: ProblemError) -> None:
         """Emit the decision for a request refused before its flow (if not emitted yet)."""
         if watch is not None and not watch.emitted:
-            self.emit(watch.refused(problem))
+            decision = watch.refused(problem)
+            if decision is not None:
+                self.emit(decision)
 
     async def arefused(self, watch: Watch | None, problem: ProblemError) -> None:
         if watch is not None and not watch.emitted:
-            await self.aemit(watch.refused(problem))
+            decision = watch.refused(problem)
+            if decision is not None:
+                await self.aemit(decision)

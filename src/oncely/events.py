@@ -12,7 +12,7 @@ Stores that can answer questions about what they hold implement :class:`Inspecta
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import FrozenInstanceError, dataclass, field
 from typing import Literal, Protocol, get_args, runtime_checkable
 
@@ -22,6 +22,7 @@ __all__ = [
     "DECISION_FIELDS",
     "OUTCOMES",
     "AsyncInspectable",
+    "CountingHook",
     "Decision",
     "DecisionHook",
     "InFlightKey",
@@ -341,6 +342,43 @@ def _tenant_hash(tenant: str) -> str:
             _tenant_hashes.clear()
         _tenant_hashes[tenant] = found
     return found
+
+
+class CountingHook:
+    """An ``on_decision`` hook that only counts decisions, as :class:`oncely.metrics.Metrics`.
+
+    A subclass says how to count in :meth:`count`. Called with a :class:`Decision` (beside
+    other hooks, or by hand), it counts what the decision says. Given alone to a surface, while
+    the ``oncely.decisions`` log is not enabled for INFO, it is told the same things straight
+    from the request as it is decided, and no Decision is built: what a request pays for its
+    metrics is then little more than the count itself.
+    """
+
+    def count(
+        self,
+        outcome: Outcome,
+        route: str,
+        surface: Surface,
+        store: str,
+        size: int | None,
+        operations: Sequence[tuple[str, float]],
+    ) -> None:
+        """One decision: its outcome, route template, surface and store kind; for
+        ``executed`` the bytes of the answer kept (None when nothing was kept yet, and for any
+        other outcome); and the name ("claim", "complete", "release", "record_phase") and
+        seconds of each store operation it waited on, failed ones included."""
+        raise NotImplementedError
+
+    def __call__(self, decision: Decision) -> None:
+        outcome = decision.outcome
+        self.count(
+            outcome,
+            decision.route,
+            decision.surface,
+            decision.store,
+            decision.response_size if outcome == "executed" else None,
+            [(op.name, op.seconds) for op in decision.operations],
+        )
 
 
 _new = object.__new__
