@@ -158,7 +158,8 @@ async def row_versions(store: AsyncPostgresStore, keys: list[str]) -> list[tuple
 async def test_a_batch_of_replays_and_refusals_writes_and_locks_no_row(traced: Traced) -> None:
     """Replays of completed keys, and claims of them with another fingerprint, queued together:
     one round trip, every answer the record, and no row touched (not even locked), so the
-    batch's transaction takes no transaction id and its COMMIT writes no WAL."""
+    batch's transaction takes no transaction id and its COMMIT writes no WAL. A new key alone
+    is still one round trip."""
     store = traced.store
     keys = sorted(new_key() for _ in range(8))
     for key in keys:
@@ -182,6 +183,12 @@ async def test_a_batch_of_replays_and_refusals_writes_and_locks_no_row(traced: T
         assert [r.record.fingerprint for r in seen if isinstance(r, Existing)] == [FP] * 16
         assert (syncs(lines), commits(lines)) == (1, 1), lines
     assert await row_versions(store, keys) == before
+
+    # Reading first costs a new key nothing: its claim is still one statement, one round trip.
+    won, lines = await traced.sent(lambda: store.claim(new_key(), FP, lease=30))
+    assert isinstance(won, Claimed)
+    assert (syncs(lines), commits(lines)) == (1, 0), lines
+    assert count(lines, r"^F\t\d+\tParse\b") == 1, lines
 
 
 async def test_no_batch_is_larger_than_max_size(traced: Traced) -> None:
