@@ -26,7 +26,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import pq
+from psycopg import pq, sql
 
 from oncely import Claimed, Existing, StoredResponse, StoreUnavailable
 from oncely.stores.postgres import AsyncPostgresStore
@@ -141,6 +141,54 @@ async def test_concurrent_claims_share_one_round_trip_and_one_commit(traced: Tra
     assert isinstance(alone, Claimed)
     assert (syncs(lines), commits(lines)) == (1, 0), lines
     assert count(lines, "BEGIN") == 0
+
+
+async def row_versions(store: AsyncPostgresStore, keys: list[str]) -> list[tuple[str, str, str]]:
+    """(xmin, xmax, ctid) of each key's row: a write makes a new version, a row lock sets xmax."""
+    async with await psycopg.AsyncConnection.connect(URL, autocommit=True) as conn:
+        cur = await conn.execute(
+            sql.SQL(
+                "SELECT xmin::text, xmax::text, ctid::text FROM {} WHERE key = ANY(%s) ORDER BY key"
+            ).format(sql.Identifier(store.schema, store.table)),
+            (keys,),
+        )
+        return [(str(a), str(b), str(c)) for a, b, c in await cur.fetchall()]
+
+
+async def test_a_batch_of_replays_and_refusals_writes_and_locks_no_row(traced: Traced) -> None:
+    """Replays of completed keys, and claims of them with another fingerprint, queued together:
+    one round trip, every answer the record, and no row touched (not even locked), so the
+    batch's transaction takes no transaction id and its COMMIT writes no WAL. A new key alone
+    is still one round trip."""
+    store = traced.store
+    keys = sorted(new_key() for _ in range(8))
+    for key in keys:
+        won = await store.claim(key, FP, lease=30)
+        assert isinstance(won, Claimed)
+        assert await store.complete(won, RESPONSE, ttl=60, tombstone_ttl=60)
+    before = await row_versions(store, keys)
+    assert len(before) == 8
+    assert all(xmax == "0" for _, xmax, _ in before), before
+
+    async def claims() -> list[Claimed | Existing]:
+        return list(
+            await asyncio.gather(
+                *(store.claim(key, fp, lease=30) for key in keys for fp in (FP, "other"))
+            )
+        )
+
+    for _ in range(3):
+        seen, lines = await traced.sent(claims)
+        assert all(isinstance(r, Existing) and r.record.response == RESPONSE for r in seen), seen
+        assert [r.record.fingerprint for r in seen if isinstance(r, Existing)] == [FP] * 16
+        assert (syncs(lines), commits(lines)) == (1, 1), lines
+    assert await row_versions(store, keys) == before
+
+    # Reading first costs a new key nothing: its claim is still one statement, one round trip.
+    won, lines = await traced.sent(lambda: store.claim(new_key(), FP, lease=30))
+    assert isinstance(won, Claimed)
+    assert (syncs(lines), commits(lines)) == (1, 0), lines
+    assert count(lines, r"^F\t\d+\tParse\b") == 1, lines
 
 
 async def test_no_batch_is_larger_than_max_size(traced: Traced) -> None:

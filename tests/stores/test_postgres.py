@@ -29,6 +29,8 @@ from oncely import (
     StoreUnavailable,
 )
 from oncely.stores import open_async_store
+from oncely.stores._postgres_sql import claim_batch_params, claim_params, claim_result
+from oncely.stores._rules import new_token
 from oncely.stores.postgres import CLAIM_TRIES, PURGE_BATCH, AsyncPostgresStore
 
 from .backend_postgres import URL, postgres_store, scratch_schema
@@ -386,6 +388,82 @@ async def test_a_replay_does_not_wait_for_a_transaction_holding_the_row(
             seen = await existing(store, key)
         assert seen.record.response == RESPONSE
         await holder.rollback()
+
+
+async def transaction_id(conn: psycopg.AsyncConnection[Any]) -> str | None:
+    """The id of ``conn``'s open transaction, or None while it has none: PostgreSQL assigns one
+    at the transaction's first write (a row inserted, updated, deleted or locked); a transaction
+    without one writes no WAL and its commit flushes none."""
+    cur = await conn.execute("SELECT pg_current_xact_id_if_assigned()::text")
+    row = await cur.fetchone()
+    assert row is not None
+    return None if row[0] is None else str(row[0])
+
+
+async def test_claims_answered_by_the_record_take_no_transaction_id_and_a_win_does(
+    store: AsyncPostgresStore,
+) -> None:
+    """The store's claim statements, alone and batched, run 100 times each in one transaction
+    (on a connection of our own) on keys the caller cannot take: a completed record (the same
+    fingerprint: a replay; another: a refusal), the same past its replay window (a tombstone),
+    and a request in flight. Each answers the record as it is, and the transaction still has no
+    id: no row was written or locked. A claim that wins (a new key, a record past forget_at)
+    gets one."""
+    done, running = new_key(), new_key()
+    won = await claimed(store, done)
+    assert await store.complete(won, RESPONSE, ttl=100, tombstone_ttl=100)
+    await claimed(store, running)
+    records = {key: await store.get(key) for key in (done, running)}
+    s = store.statements
+    taken = [  # (key, fingerprint, seconds later)
+        (done, FP, 0.0),  # a replay
+        (done, OTHER_FP, 0.0),  # the key reused for another request
+        (done, FP, 150.0),  # past the replay window, before forget_at: a tombstone
+        (running, FP, 0.0),
+        (running, OTHER_FP, 0.0),
+        (running, OTHER_FP, 150.0),  # its lease expired: taken over by the same request only
+    ]
+
+    def answer(row: tuple[Any, ...] | None, token: str) -> Any:
+        assert row is not None
+        return claim_result(row, token)
+
+    async with await psycopg.AsyncConnection.connect(URL) as conn:
+        for _ in range(100):
+            for key, fp, later in taken:
+                params = claim_params(key, fp, new_token(), lease=60, offset=later)
+                cur = await conn.execute(s.claim, params, binary=True)
+                seen = answer(await cur.fetchone(), params["token"])
+                assert isinstance(seen, Existing), seen
+                assert seen.record == records[key]
+            # Past the lease, the request in flight is refused only to another fingerprint.
+            for fp, later in ((FP, 0.0), (OTHER_FP, 0.0), (OTHER_FP, 150.0)):
+                batch = [claim_params(k, fp, new_token(), lease=60, offset=later) for k in records]
+                cur = await conn.execute(
+                    s.claim_batch, claim_batch_params(batch, offset=later), binary=True
+                )
+                rows = await cur.fetchall()
+                assert sorted(int(row[11]) for row in rows) == [1, 2], rows
+                for row in rows:
+                    seen = answer(row[:11], batch[int(row[11]) - 1]["token"])
+                    assert isinstance(seen, Existing), seen
+                    assert seen.record == records[seen.record.key]
+        assert await transaction_id(conn) is None
+        await conn.rollback()
+
+        for key, later in ((new_key(), 0.0), (done, 201.0)):  # a new key; past forget_at
+            params = claim_params(key, FP, new_token(), lease=60, offset=later)
+            cur = await conn.execute(s.claim, params, binary=True)
+            assert isinstance(answer(await cur.fetchone(), params["token"]), Claimed)
+            assert await transaction_id(conn) is not None
+            await conn.rollback()
+            batch = [claim_params(key, FP, new_token(), lease=60, offset=later)]
+            cur = await conn.execute(s.claim_batch, claim_batch_params(batch, offset=later))
+            first = await cur.fetchone()
+            assert first is not None
+            assert isinstance(answer(first[:11], batch[0]["token"]), Claimed)
+            assert await transaction_id(conn) is not None
+            await conn.rollback()
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
@@ -23,6 +24,7 @@ __all__ = [
     "CLAIM_TRIES",
     "PURGE_BATCH",
     "Statements",
+    "claim_batch_params",
     "claim_params",
     "claim_result",
     "record_from_row",
@@ -97,6 +99,27 @@ _MIGRATE_LOCK = "SELECT pg_advisory_xact_lock(%(lock)s)"
 #     takeover: in flight, lease expired, same fingerprint: new token, attempt + 1, phases kept
 # At most one of the two has a row. Neither does when a claim committed after the statement's
 # snapshot decides the conflict against the caller: the store runs the statement again.
+#
+# A replay, a refusal or a request in flight is answered by `standing` alone: the INSERT's SELECT
+# yields no row, so ON CONFLICT never meets (and never locks) the record, and the statement
+# writes nothing and takes no transaction id (so no WAL, and no WAL flush at a COMMIT). Only a
+# claim that may win reaches ON CONFLICT, which judges and locks the newest committed row. Why
+# the answers stay linearizable although the read sees the snapshot (taken at the statement's
+# start, t0) and the conflict check the newest row:
+#   - `standing` answers the record R that was current at t0, which the caller cannot take at
+#     `now` (read after t0). Whether a record can be taken depends on the time only through
+#     forget_at and lease_until, and once past they stay past: R could not be taken at t0
+#     either. So the claim takes effect at t0, as a read, and whatever commits after t0 (R
+#     completed, released, taken over, stripped or purged) comes after it. A completed R is
+#     even still the record at `now`: before its forget_at only a strip changes it, and a strip
+#     (past expires_at) leaves nothing that a replay at `now` would read.
+#   - `won` is a write under the row lock (or the unique index, for a new key) on the newest
+#     row, decided by the same rule, at the same `now`: it takes effect at its commit.
+#   - A record R committed after t0 (a claim in flight, or completed since) that refuses the
+#     caller gives no row: `standing` did not see it, and the conflict check refuses. The next
+#     statement's snapshot sees R and answers it by `standing`, as a read.
+# `now` is read once, by both parts, so time cannot pass between the two decisions: a record
+# expiring during the statement is judged expired by both or by neither.
 _CLAIM = """
 WITH clock AS MATERIALIZED (SELECT {clock} AS now),
 standing AS MATERIALIZED (
@@ -195,6 +218,9 @@ WHERE {owned}
 # distinct (ON CONFLICT cannot touch a row twice in one statement); the store splits a batch
 # where a key comes again. Each input row carries its ordinal `n`, returned with its answer.
 # Rows are inserted in key order, so that two batches lock shared keys in the same order.
+# As in _CLAIM, a row whose record refuses it in the snapshot (a replay, say) is answered from
+# `standing` and never reaches ON CONFLICT: a batch of replays locks and writes no row, and its
+# transaction takes no transaction id.
 _CLAIM_BATCH = """
 WITH clock AS MATERIALIZED (SELECT {clock} AS now),
 input AS MATERIALIZED (
@@ -427,6 +453,18 @@ def claim_params(
         "fp": fingerprint,
         "token": token,
         "lease": float(lease),
+        "retention": ABANDONED_RETENTION,
+        "offset": float(offset),
+    }
+
+
+def claim_batch_params(claims: Sequence[Mapping[str, Any]], *, offset: float) -> dict[str, Any]:
+    """The parameters of one batched claim statement, from the :func:`claim_params` of each."""
+    return {
+        "keys": [c["key"] for c in claims],
+        "fps": [c["fp"] for c in claims],
+        "tokens": [c["token"] for c in claims],
+        "leases": [c["lease"] for c in claims],
         "retention": ABANDONED_RETENTION,
         "offset": float(offset),
     }

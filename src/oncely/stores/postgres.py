@@ -7,10 +7,13 @@
 - ``claim`` is ONE statement (one round trip) that writes only when the caller wins. It reads
   the record under the key; when there is one the caller cannot take (by the rule of
   ``stores/_rules.py``: a replay, a request in flight), that record and the server's now are the
-  answer, and nothing is written: no new row version, no row lock, no WAL. Otherwise
-  ``INSERT … ON CONFLICT (key) DO UPDATE … WHERE <the caller wins>`` takes the key and returns
-  the new record. The caller owns the key exactly when the returned token is the one it
-  proposed.
+  answer, and nothing is written: the ``INSERT`` gets no row to insert, so its ``ON CONFLICT``
+  never meets the record (``DO UPDATE`` would lock it even when its ``WHERE`` is false): no new
+  row version, no row lock, no transaction id, so no WAL and no WAL flush at the commit: for the
+  server a replay is an index read. Otherwise ``INSERT … ON CONFLICT (key) DO UPDATE … WHERE
+  <the caller wins>`` takes the key and returns the new record, in the same statement (a new key
+  costs one round trip too). The caller owns the key exactly when the returned token is the one
+  it proposed.
 - The read sees the statement's snapshot, while ``ON CONFLICT`` judges the newest committed row.
   When another claim of the key commits between the two (the snapshot had no record, or one the
   caller could take, and the newest one is not), the statement returns no row and is run again:
@@ -27,7 +30,8 @@
   transaction sent in one round trip with psycopg's pipeline mode: ``BEGIN``, then for each run
   of distinct keys in queue order one ``INSERT … SELECT FROM unnest(…) ON CONFLICT`` for its
   claims and one ``UPDATE … FROM unnest(…)`` for its completes, each row decided by the same
-  rule and fencing token as alone, one statement each for the rest, then ``COMMIT``. A key that
+  rule and fencing token as alone (replays again only read: a batch of them takes no
+  transaction id), one statement each for the rest, then ``COMMIT``. A key that
   comes again starts a new run (``ON CONFLICT`` cannot touch a row twice in one statement), so
   conflicting writes for one key answer as one after another in queue order. A batch whose
   round trip fails fails every member with :class:`oncely.StoreUnavailable` and is not resent;

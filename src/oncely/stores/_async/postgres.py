@@ -24,6 +24,7 @@ from ...events import InFlightKey, StoreStats
 from .._postgres_sql import (
     CLAIM_TRIES,
     PURGE_BATCH,
+    claim_batch_params,
     claim_params,
     claim_result,
     record_from_row,
@@ -454,17 +455,9 @@ class AsyncPostgresStore:
                         claims = [i for i in run if ops[i].kind == "claim"]
                         completes = [i for i in run if ops[i].kind == "complete"]
                         if claims:
-                            p = [ops[i].params for i in claims]
                             cur = await conn.execute(
                                 s.claim_batch,
-                                {
-                                    "keys": [q["key"] for q in p],
-                                    "fps": [q["fp"] for q in p],
-                                    "tokens": [q["token"] for q in p],
-                                    "leases": [q["lease"] for q in p],
-                                    "retention": ABANDONED_RETENTION,
-                                    "offset": offset,
-                                },
+                                claim_batch_params([ops[i].params for i in claims], offset=offset),
                                 binary=True,
                             )
                             reads.append(("claim", claims, cur))
