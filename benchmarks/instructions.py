@@ -51,20 +51,7 @@ def _child(mode: str, replay: bool, count: int, light: bool) -> None:
     async def run() -> None:
         for n in range(count):
             key = "instructions-replay" if replay else f"instructions-{n}"
-            scope = {
-                "type": "http",
-                "method": "POST",
-                "path": "/payments",
-                "root_path": "",
-                "query_string": b"",
-                "headers": [
-                    (b"idempotency-key", key.encode()),
-                    (tenant, b"acme"),
-                    (b"content-type", b"application/json"),
-                    (b"content-length", length),
-                ],
-            }
-            await app(scope, receive, send)
+            await app(observe.payment_scope(key, tenant, length), receive, send)
 
     asyncio.run(run())
 

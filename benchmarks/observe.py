@@ -107,6 +107,23 @@ def make_app(mode: str, bench_app: bool = False) -> tuple[Any, bytes, bytes]:
     return app, BODY, b"x-tenant"
 
 
+def payment_scope(key: str, tenant_header: bytes, length: bytes) -> dict[str, Any]:
+    """The ASGI scope of one payment request with ``key``, from tenant "acme"."""
+    return {
+        "type": "http",
+        "method": "POST",
+        "path": "/payments",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"idempotency-key", key.encode()),
+            (tenant_header, b"acme"),
+            (b"content-type", b"application/json"),
+            (b"content-length", length),
+        ],
+    }
+
+
 async def rate(
     target: tuple[Any, bytes, bytes], seconds: float, replay: bool, salt: str
 ) -> tuple[float, float]:
@@ -126,20 +143,7 @@ async def rate(
     while time.perf_counter() < end:
         for _ in range(100):
             key = f"{salt}-replay" if replay else f"{salt}-{n}"
-            scope = {
-                "type": "http",
-                "method": "POST",
-                "path": "/payments",
-                "root_path": "",
-                "query_string": b"",
-                "headers": [
-                    (b"idempotency-key", key.encode()),
-                    (tenant_header, b"acme"),
-                    (b"content-type", b"application/json"),
-                    (b"content-length", length),
-                ],
-            }
-            await app(scope, receive, send)
+            await app(payment_scope(key, tenant_header, length), receive, send)
             n += 1
         sent.clear()
     wall, cpu = time.perf_counter() - start, time.thread_time() - cpu
