@@ -253,7 +253,8 @@ class Metrics(CountingHook):
 
 
 class _Shared:
-    """The same metrics as prometheus-client's own, which its multiprocess mode shares."""
+    """The same metrics as prometheus-client's own, which its multiprocess mode shares; each
+    labelled child bound once (``labels()`` costs more than the count itself)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.decisions = Counter(*_DECISIONS, ["outcome", "route", "surface"], registry=registry)
@@ -261,6 +262,9 @@ class _Shared:
             *_OPERATIONS, ["store", "operation"], buckets=OPERATION_BUCKETS, registry=registry
         )
         self.sizes = Histogram(*_SIZES, ["surface"], buckets=SIZE_BUCKETS, registry=registry)
+        self._counted: dict[tuple[str, str, str], Callable[[], None]] = {}
+        self._timed: dict[tuple[str, str], Callable[[float], None]] = {}
+        self._kept: dict[str, Callable[[float], None]] = {}
 
     def count(
         self,
@@ -271,10 +275,20 @@ class _Shared:
         size: int | None,
         operations: Sequence[tuple[str, float]],
     ) -> None:
-        if outcome not in OUTCOMES:
-            return  # a bounded label set: nothing else is counted
-        self.decisions.labels(outcome, route, surface).inc()
+        labels = (outcome, route, surface)
+        inc = self._counted.get(labels)
+        if inc is None:
+            if outcome not in OUTCOMES:
+                return  # a bounded label set: nothing else is counted
+            inc = self._counted[labels] = self.decisions.labels(*labels).inc
+        inc()
         for name, seconds in operations:
-            self.operations.labels(store, name).observe(seconds)
+            observe = self._timed.get((store, name))
+            if observe is None:
+                observe = self._timed[(store, name)] = self.operations.labels(store, name).observe
+            observe(seconds)
         if size is not None:
-            self.sizes.labels(surface).observe(size)
+            kept = self._kept.get(surface)
+            if kept is None:
+                kept = self._kept[surface] = self.sizes.labels(surface).observe
+            kept(size)
