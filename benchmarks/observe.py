@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/observe.py --app --quick       # in process, the benchmark app
     .venv/bin/python benchmarks/observe.py --server --quick    # over HTTP, 3 rounds of 3 s
     .venv/bin/python benchmarks/observe.py --server            # over HTTP, 7 rounds of 5 s
+    .venv/bin/python benchmarks/observe.py --server --access-log   # and uvicorn's access log
 
 Three modes, measured in one run, rounds alternated (the order reversed every other round) so
 that a machine that slows down slows every mode alike:
@@ -13,6 +14,10 @@ that a machine that slows down slows every mode alike:
 - ``metrics``: ``oncely.metrics.Metrics`` as the hook;
 - ``metrics+logs``: the hook, and one JSON line per decision (``oncely.logs.JSONFormatter``)
   to a file.
+
+With ``--server --access-log``, a fourth: ``access-log``, no hook and no decision log but
+uvicorn's own access log (one line per request, its default format) to a file: what the
+server's own line per request costs, beside oncely's.
 
 In process (the default), the light handler (a JSON 201) behind ``oncely.asgi`` on the memory
 store is called straight through ASGI: no server, no sockets, the worst case for overhead
@@ -57,9 +62,11 @@ from pathlib import Path
 from typing import Any
 
 MODES = ("off", "metrics", "metrics+logs")
+ACCESS_LOG = "access-log"  # over HTTP only: uvicorn's access log to a file, oncely off
 HERE = Path(__file__).resolve().parent
 REPLAY_KEYS = 16
-TIMEOUTS = dict.fromkeys(MODES, 0)  # per mode, over HTTP: requests wrk gave up on after 2 s
+#: per mode, over HTTP: requests wrk gave up on after 2 s
+TIMEOUTS = dict.fromkeys((*MODES, ACCESS_LOG), 0)
 #: (mode, replay) -> per round: requests/s (wall clock), and CPU microseconds per request
 Results = dict[tuple[str, bool], list[tuple[float, float]]]
 
@@ -206,15 +213,22 @@ def _serve(mode: str, scratch: Path) -> tuple[subprocess.Popen[bytes], int]:
         **os.environ,
         "BENCH_TARGET": "oncely",
         "BENCH_STORE": "memory",
-        "BENCH_OBSERVE": mode,
+        "BENCH_OBSERVE": "off" if mode == ACCESS_LOG else mode,
         "BENCH_SCRATCH": str(workdir),
         "BENCH_PREFIX": "observe",
         "BENCH_ENDPOINT": os.environ.get("BENCH_ENDPOINT", "light"),
     }
     command = [sys.executable, "-m", "uvicorn", "--factory", "app:build", "--port", str(port)]
-    command += ["--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level"]
-    command += ["warning"]
-    proc = subprocess.Popen(_pin("0", command), cwd=HERE, env=env)
+    command += ["--http", "httptools", "--loop", "uvloop"]
+    if mode == ACCESS_LOG:  # uvicorn's access lines go to its stdout: a file here
+        command += ["--access-log", "--log-level", "info"]
+        out = (workdir / "access.log").open("wb")
+    else:
+        command += ["--no-access-log", "--log-level", "warning"]
+        out = None
+    proc = subprocess.Popen(_pin("0", command), cwd=HERE, env=env, stdout=out)
+    if out is not None:
+        out.close()  # the server holds its own copy
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -272,21 +286,24 @@ def _wrk(
     raise SystemExit(f"wrk printed no BENCH line for {mode}:\n{result.stdout}{result.stderr}")
 
 
-def over_http(rounds: int, seconds: float) -> Results:
+def over_http(rounds: int, seconds: float, modes: tuple[str, ...] = MODES) -> Results:
     if shutil.which("wrk") is None:
         raise SystemExit("--server needs wrk (Debian: apt-get install wrk)")
     scratch = Path(tempfile.mkdtemp(prefix="oncely-observe-http-"))
     servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-    results: Results = {(m, r): [] for m in MODES for r in (False, True)}
+    results: Results = {(m, r): [] for m in modes for r in (False, True)}
     try:
-        for mode in MODES:
+        for mode in modes:
             servers[mode] = _serve(mode, scratch)
         for round_ in range(rounds):
             for replay in (False, True):
-                for mode in MODES if round_ % 2 == 0 else tuple(reversed(MODES)):
+                for mode in modes if round_ % 2 == 0 else tuple(reversed(modes)):
                     results[(mode, replay)].append(_wrk(servers[mode], mode, seconds, replay))
         logged = (scratch / "metrics-logs" / "decisions.log").stat().st_size
         print(f"decision log of metrics+logs: {logged:,} bytes")
+        if ACCESS_LOG in modes:
+            logged = (scratch / ACCESS_LOG / "access.log").stat().st_size
+            print(f"uvicorn's access log: {logged:,} bytes")
         if any(TIMEOUTS.values()):
             print(f"requests wrk gave up on after 2 s (an overloaded machine): {TIMEOUTS}")
     finally:
@@ -313,7 +330,7 @@ def report(where: str, rounds: int, seconds: float, results: Results) -> None:
         cpu_noise = (max(off_cpu) - min(off_cpu)) / statistics.median(off_cpu) * 100
         kind = "replays" if replay else "new keys"
         print(f"{kind} (off's own spread: {noise:.1f} % of its requests/s, {cpu_noise:.1f} % CPU)")
-        for mode in MODES:
+        for mode in dict.fromkeys(mode for mode, _ in results):
             values = [rate for rate, _ in results[(mode, replay)]]
             cpus = [cpu for _, cpu in results[(mode, replay)]]
             median = statistics.median(values)
@@ -340,6 +357,11 @@ def main() -> None:
     parser.add_argument(
         "--app", action="store_true", help="in process, the benchmark app instead (app.py)"
     )
+    parser.add_argument(
+        "--access-log",
+        action="store_true",
+        help="with --server, also uvicorn's access log to a file (oncely off), for scale",
+    )
     parser.add_argument("--rounds", type=int, help="rounds per mode")
     parser.add_argument("--seconds", type=float, help="seconds per round")
     args = parser.parse_args()
@@ -348,8 +370,11 @@ def main() -> None:
     else:
         rounds, seconds = (5, 1.0) if args.quick else (15, 2.0)
     rounds, seconds = args.rounds or rounds, args.seconds or seconds
+    if args.access_log and not args.server:
+        parser.error("--access-log needs --server")
     if args.server:
-        report("over HTTP", rounds, seconds, over_http(rounds, seconds))
+        modes = (*MODES, ACCESS_LOG) if args.access_log else MODES
+        report("over HTTP", rounds, seconds, over_http(rounds, seconds, modes))
     else:
         results = asyncio.run(in_process(rounds, seconds, args.app))
         where = "in process, the benchmark app" if args.app else "in process, the light handler"
