@@ -153,6 +153,8 @@ async def test_purge_pauses_between_batches(tmp_path: Path) -> None:
         (["purge", "--store", "memory:", "--expired", "--pause", "soon"], 2, "--pause takes"),
         (["purge", "--store", "memory:", "--expired", "--pause", "-1"], 2, "--pause takes"),
         (["migrate", "--store", "sqlite:x.db", "--schema", "s"], 2, "--schema is for PostgreSQL"),
+        (["stats", "--store", "redis://127.0.0.1:1/0", "--table", "t"], 2, "--table for SQLite"),
+        (["stats", "--store", "memory:", "--prefix", "p"], 2, "--prefix for Redis"),
         (["inspect", "--store", "memory:", "--key", "k"], 2, "--tenant"),
         (["stats", "--store", "redis://127.0.0.1:1/0"], 1, "Check the store URL"),
     ],

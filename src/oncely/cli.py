@@ -250,9 +250,26 @@ def _store_options(args: argparse.Namespace) -> dict[str, str]:
     return {n: v for n in ("schema", "table", "prefix") if (v := getattr(args, n, None))}
 
 
+# The options each store takes; a store given another one is a usage error (exit 2).
+_TAKES: dict[str, set[str]] = {
+    "sqlite": {"table"},
+    "postgres": {"schema", "table"},
+    "redis": {"prefix"},
+    "memory": set(),
+}
+
+
 def _run(args: argparse.Namespace) -> str:
+    options = _store_options(args)
+    scheme = args.store.split(":", 1)[0].lower()
+    takes = next((t for name, t in _TAKES.items() if scheme.startswith(name)), None)
+    if takes is not None and (wrong := sorted(set(options) - takes)):
+        raise ConfigurationError(
+            f"a {scheme}: store does not take --{wrong[0]}: --schema is for PostgreSQL, "
+            "--table for SQLite and PostgreSQL, --prefix for Redis"
+        )
     try:
-        store = open_store(args.store, **_store_options(args))
+        store = open_store(args.store, **options)
     except TypeError as exc:
         raise ConfigurationError(
             f"this store does not take that option ({exc}): --schema is for PostgreSQL, "
