@@ -226,3 +226,19 @@ async def test_the_owner_age_starts_again_at_a_takeover() -> None:
     assert abs(time.time() - second_at) < 5
     assert claimed_at("a" * 32) is None  # a token of an older version: no time, no age
     assert claimed_at("zzzzzzzzzzzz." + "0" * 20) is None
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """oncely stats | head -c 1: the pipe closes before the output is written."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "oncely", "stats", "--store", f"sqlite:{tmp_path / 'x.db'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as shown:
+        assert shown.stdout is not None
+        assert shown.stderr is not None
+        shown.stdout.close()  # the reader is gone
+        errors = shown.stderr.read()
+        shown.wait(timeout=60)
+    assert "Traceback" not in errors, errors

@@ -372,7 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(args_list)
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its retries: the error says it
     try:
-        print(_run(args))
+        print(_run(args), flush=True)
+    except BrokenPipeError:  # the reader left (oncely stats | head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigurationError as exc:
         print(f"oncely {args.command}: {exc}", file=sys.stderr)
         return 2
