@@ -175,6 +175,10 @@ def test_help_has_examples() -> None:
     assert done.returncode == 0
     assert "oncely inspect --store sqlite:oncely.db --tenant acme" in done.stdout
     assert "--scope" not in oncely("inspect", "--help").stdout
+    for command in ("serve", "demo"):
+        shown = oncely(command, "--help")
+        assert shown.returncode == 0, shown.stderr
+        assert "examples" in shown.stdout, command
 
 
 def test_migrate_creates_the_table_and_is_idempotent(tmp_path: Path) -> None:

@@ -139,6 +139,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
         prog="python -m oncely_payments.demo",
         description="Payments through a faulty network and a crashing server, then an audit. "
         "Exits 1 if any payment was lost, doubled or answered inconsistently.",
+        epilog="examples (python -m oncely_payments.demo and make demo ARGS='...' take the\n"
+        "same flags):\n"
+        "  oncely demo --intents 500 --crashes 3\n"
+        "  oncely demo --store postgresql://postgres@127.0.0.1:5432/app\n"
+        "  oncely demo --keep      # the dashboard stays up after the audit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     size = p.add_argument_group("size")
     size.add_argument("--intents", type=_positive, default=d.intents, help="payments to make")
