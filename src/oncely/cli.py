@@ -380,10 +380,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"oncely {args.command}: {exc}", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
-        print(
-            f"oncely {args.command}: {exc}\nCheck the store URL and that the server answers.",
-            file=sys.stderr,
+        hint = (
+            "Check the path (its folder must exist) and that the file is a SQLite database."
+            if args.store.lower().startswith("sqlite:")
+            else "Check the store URL and that the server answers."
         )
+        print(f"oncely {args.command}: {exc}\n{hint}", file=sys.stderr)
         return 1
     except (Failed, OncelyError) as exc:
         print(f"oncely {args.command}: {exc}", file=sys.stderr)
