@@ -249,3 +249,18 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
         errors = shown.stderr.read()
         shown.wait(timeout=60)
     assert "Traceback" not in errors, errors
+
+
+async def test_inspect_says_when_a_completed_record_is_a_tombstone(tmp_path: Path) -> None:
+    store = AsyncSQLiteStore(tmp_path / "t.db")
+    claim = await store.claim(storage_key("acme", "k"), "v1:" + "a" * 64, lease=10)
+    assert isinstance(claim, Claimed)
+    kept = StoredResponse(201, (("content-type", "application/json"),), b"{}")
+    assert await store.complete(claim, kept, ttl=0.001, tombstone_ttl=600)
+    await store.aclose()
+    await asyncio.sleep(0.01)
+    shown = oncely(
+        "inspect", "--store", f"sqlite:{tmp_path / 't.db'}", "--tenant", "acme", "--key", "k"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "a tombstone (a repeat gets 410)" in shown.stdout

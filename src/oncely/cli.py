@@ -123,7 +123,10 @@ def _inspect(store: Store, args: argparse.Namespace) -> str:
                 f"(claimed {_when(claimed, now)})"
             )
     else:
-        lines.append(f"replayable until {_when(record.expires_at, now)}")
+        lines.append(
+            f"replayable until {_when(record.expires_at, now)}"
+            + (", over: a tombstone (a repeat gets 410)" if record.expires_at <= now else "")
+        )
     lines.append(f"forgotten  at {_when(record.forget_at, now)}")
     if record.phases:
         lines.append("recovery points:")
