@@ -157,7 +157,8 @@ async def test_purge_pauses_between_batches(tmp_path: Path) -> None:
         (["stats", "--store", "memory:", "--prefix", "p"], 2, "--prefix for Redis"),
         (["inspect", "--store", "memory:", "--key", "k"], 2, "--tenant"),
         (["stats", "--store", "redis://127.0.0.1:1/0"], 1, "Check the store URL"),
-        (["stats", "--store", "sqlite:no/such/folder/x.db"], 1, "its folder must exist"),
+        (["stats", "--store", "sqlite:no/such/folder/x.db"], 1, "no SQLite file at"),
+        (["inspect", "--store", "sqlite:typo.db", "--tenant", "a", "--key", "k"], 1, "no SQLite"),
         # The server's own words, not only that psycopg's pool timed out.
         (["stats", "--store", "postgresql://u@127.0.0.1:1/x"], 1, "port 1 failed: Connection"),
     ],

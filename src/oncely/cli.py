@@ -279,6 +279,17 @@ def _run(args: argparse.Namespace) -> str:
             "--table for SQLite and PostgreSQL, --prefix for Redis"
         ) from exc
     try:
+        path = store.path if isinstance(store, SQLiteStore) else None
+        if (
+            path is not None
+            and args.command != "migrate"
+            and path != ":memory:"
+            and not os.path.exists(path)
+        ):  # opening it would make an empty one: a typo would read as "no such key"
+            raise Failed(
+                f"no SQLite file at {path!r}: check the path (a relative one starts in the "
+                f"current directory); oncely migrate --store {args.store} makes one"
+            )
         return ACTIONS[args.command](store, args)
     finally:
         store.close()
