@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -265,3 +266,32 @@ async def test_inspect_says_when_a_completed_record_is_a_tombstone(tmp_path: Pat
     )
     assert shown.returncode == 0, shown.stderr
     assert "a tombstone (a repeat gets 410)" in shown.stdout
+
+
+async def expired_records(path: Path, count: int) -> None:
+    store = AsyncSQLiteStore(path)
+    kept = StoredResponse(201, (), b"{}")
+    for n in range(count):
+        claim = await store.claim(storage_key("acme", f"k{n}"), "v1:" + "a" * 64, lease=10)
+        assert isinstance(claim, Claimed)
+        assert await store.complete(claim, kept, ttl=0.001, tombstone_ttl=0.001)
+    await store.aclose()
+    await asyncio.sleep(0.01)
+
+
+def test_an_interrupted_purge_says_how_many_it_purged(tmp_path: Path) -> None:
+    asyncio.run(expired_records(tmp_path / "p.db", 3))
+    args = ["purge", "--store", f"sqlite:{tmp_path / 'p.db'}", "--expired", "--batch", "1"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "oncely", *args, "--pause", "30"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    ) as purge:
+        assert purge.stderr is not None
+        assert purge.stderr.readline().startswith("purged 1 of 3")
+        purge.send_signal(signal.SIGINT)  # Ctrl-C during the pause after the first batch
+        errors = purge.stderr.read()
+        assert purge.wait(timeout=60) == 130
+    assert "stopped; purged 1 expired records" in errors
+    assert "Traceback" not in errors

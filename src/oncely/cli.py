@@ -228,6 +228,9 @@ def _purge(store: Store, args: argparse.Namespace) -> str:
             if deleted < args.batch:
                 break
             time.sleep(took if args.pause is None else args.pause)
+    except KeyboardInterrupt:  # each batch commits on its own: what was purged stays purged
+        print(f"oncely purge: stopped; purged {done} expired records", file=sys.stderr)
+        raise
     finally:
         stop()
     return f"purged {done} expired records"
@@ -387,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its retries: the error says it
     try:
         print(_run(args), flush=True)
+    except KeyboardInterrupt:
+        return 130
     except BrokenPipeError:  # the reader left (oncely stats | head): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
