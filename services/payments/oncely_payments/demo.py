@@ -178,6 +178,8 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     a = p.parse_args(argv)
     if a.decline_rate + a.flaky_rate > 1:
         p.error("--decline-rate and --flaky-rate add up to more than 1")
+    if a.store and not a.store.lower().startswith(("sqlite:", "postgresql:", "postgres:")):
+        p.error(f"--store {a.store!r}: the demo runs on sqlite:PATH or postgresql://...")
     names = {f.name for f in dataclasses.fields(DemoConfig)}
     return DemoConfig(**{k: v for k, v in vars(a).items() if k in names})
 
