@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -153,8 +154,14 @@ async def test_purge_pauses_between_batches(tmp_path: Path) -> None:
         (["purge", "--store", "memory:", "--expired", "--pause", "soon"], 2, "--pause takes"),
         (["purge", "--store", "memory:", "--expired", "--pause", "-1"], 2, "--pause takes"),
         (["migrate", "--store", "sqlite:x.db", "--schema", "s"], 2, "--schema is for PostgreSQL"),
+        (["stats", "--store", "redis://127.0.0.1:1/0", "--table", "t"], 2, "--table for SQLite"),
+        (["stats", "--store", "memory:", "--prefix", "p"], 2, "--prefix for Redis"),
         (["inspect", "--store", "memory:", "--key", "k"], 2, "--tenant"),
         (["stats", "--store", "redis://127.0.0.1:1/0"], 1, "Check the store URL"),
+        (["stats", "--store", "sqlite:no/such/folder/x.db"], 1, "no SQLite file at"),
+        (["inspect", "--store", "sqlite:typo.db", "--tenant", "a", "--key", "k"], 1, "no SQLite"),
+        # The server's own words, not only that psycopg's pool timed out.
+        (["stats", "--store", "postgresql://u@127.0.0.1:1/x"], 1, "port 1 failed: Connection"),
     ],
 )
 def test_bad_input_exits_with_a_clear_message(
@@ -171,6 +178,10 @@ def test_help_has_examples() -> None:
     assert done.returncode == 0
     assert "oncely inspect --store sqlite:oncely.db --tenant acme" in done.stdout
     assert "--scope" not in oncely("inspect", "--help").stdout
+    for command in ("serve", "demo"):
+        shown = oncely(command, "--help")
+        assert shown.returncode == 0, shown.stderr
+        assert "examples" in shown.stdout, command
 
 
 def test_migrate_creates_the_table_and_is_idempotent(tmp_path: Path) -> None:
@@ -224,3 +235,63 @@ async def test_the_owner_age_starts_again_at_a_takeover() -> None:
     assert abs(time.time() - second_at) < 5
     assert claimed_at("a" * 32) is None  # a token of an older version: no time, no age
     assert claimed_at("zzzzzzzzzzzz." + "0" * 20) is None
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """oncely stats | head -c 1: the pipe closes before the output is written."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "oncely", "stats", "--store", f"sqlite:{tmp_path / 'x.db'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as shown:
+        assert shown.stdout is not None
+        assert shown.stderr is not None
+        shown.stdout.close()  # the reader is gone
+        errors = shown.stderr.read()
+        shown.wait(timeout=60)
+    assert "Traceback" not in errors, errors
+
+
+async def test_inspect_says_when_a_completed_record_is_a_tombstone(tmp_path: Path) -> None:
+    store = AsyncSQLiteStore(tmp_path / "t.db")
+    claim = await store.claim(storage_key("acme", "k"), "v1:" + "a" * 64, lease=10)
+    assert isinstance(claim, Claimed)
+    kept = StoredResponse(201, (("content-type", "application/json"),), b"{}")
+    assert await store.complete(claim, kept, ttl=0.001, tombstone_ttl=600)
+    await store.aclose()
+    await asyncio.sleep(0.01)
+    shown = oncely(
+        "inspect", "--store", f"sqlite:{tmp_path / 't.db'}", "--tenant", "acme", "--key", "k"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "a tombstone (a repeat gets 410)" in shown.stdout
+
+
+async def expired_records(path: Path, count: int) -> None:
+    store = AsyncSQLiteStore(path)
+    kept = StoredResponse(201, (), b"{}")
+    for n in range(count):
+        claim = await store.claim(storage_key("acme", f"k{n}"), "v1:" + "a" * 64, lease=10)
+        assert isinstance(claim, Claimed)
+        assert await store.complete(claim, kept, ttl=0.001, tombstone_ttl=0.001)
+    await store.aclose()
+    await asyncio.sleep(0.01)
+
+
+def test_an_interrupted_purge_says_how_many_it_purged(tmp_path: Path) -> None:
+    asyncio.run(expired_records(tmp_path / "p.db", 3))
+    args = ["purge", "--store", f"sqlite:{tmp_path / 'p.db'}", "--expired", "--batch", "1"]
+    with subprocess.Popen(
+        [sys.executable, "-m", "oncely", *args, "--pause", "30"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    ) as purge:
+        assert purge.stderr is not None
+        assert purge.stderr.readline().startswith("purged 1 of 3")
+        purge.send_signal(signal.SIGINT)  # Ctrl-C during the pause after the first batch
+        errors = purge.stderr.read()
+        assert purge.wait(timeout=60) == 130
+    assert "stopped; purged 1 expired records" in errors
+    assert "Traceback" not in errors

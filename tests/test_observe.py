@@ -500,3 +500,31 @@ async def test_asgi_reports_refusals_errors_large_answers_and_a_lost_lease(
     text = captured.getvalue()
     for secret in (KEY, TENANT, AUTH, "token-very-secret", "card declined", "yyyy"):
         assert secret not in text, secret
+
+
+class StatsDownStore(MemoryStore):
+    """A store whose ``stats()`` fails (the store is out when the metrics are scraped)."""
+
+    def stats(self, *, limit: int = 20) -> StoreStats:
+        raise StoreUnavailable("connection refused")
+
+
+class AsyncStatsDownStore(AsyncMemoryStore):
+    async def stats(self, *, limit: int = 20) -> StoreStats:
+        raise StoreUnavailable("connection refused")
+
+
+async def test_a_scrape_with_the_store_out_still_renders_the_other_metrics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from prometheus_client import generate_latest
+
+    for store in (StatsDownStore(), AsyncStatsDownStore()):
+        registry = CollectorRegistry()
+        metrics = Metrics(registry=registry, store=store)
+        metrics.count("store_unavailable", "/p", "asgi", "memory", None, [("claim", 0.001)])
+        await metrics.refresh()
+        text = generate_latest(registry).decode()
+        assert 'oncely_decisions_total{outcome="store_unavailable",route="/p"' in text
+        assert registry.get_sample_value("oncely_in_flight_keys", {"store": "memory"}) is None
+    assert "oncely_in_flight_keys left out of this scrape" in caplog.text

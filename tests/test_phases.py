@@ -250,3 +250,32 @@ def test_outside_an_idempotent_request_there_is_no_attempt() -> None:
     with pytest.raises(ConfigurationError, match="no idempotent request"):
         current_attempt()
     assert current_attempt(required=False) is None
+
+
+async def test_a_response_committed_with_the_effect_is_reported_with_its_size(
+    db: Path, store: AsyncSQLiteStore
+) -> None:
+    """The decision and the size histogram count the response the app kept itself, as they
+    count one oncely kept: by hook (a full decision) and by Metrics alone (its fast path)."""
+    from prometheus_client import CollectorRegistry
+
+    from oncely.events import Decision
+    from oncely.metrics import Metrics
+
+    bank = Bank(db)
+    inner = Starlette(routes=[Route("/payments", bank.create, methods=["POST"])])
+    events: list[Decision] = []
+    registry = CollectorRegistry()
+    by_hook = IdempotencyMiddleware(
+        inner, store=store, tenant=single_tenant, on_decision=events.append
+    )
+    by_metrics = IdempotencyMiddleware(
+        inner, store=store, tenant=single_tenant, on_decision=Metrics(registry=registry)
+    )
+    async with client_for(by_hook) as client:
+        first = await client.post("/payments", json={"a": 1}, headers={"Idempotency-Key": "k1"})
+    async with client_for(by_metrics) as client:
+        await client.post("/payments", json={"a": 1}, headers={"Idempotency-Key": "k2"})
+    assert [(e.outcome, e.response_size) for e in events] == [("executed", len(first.content))]
+    labels = {"surface": "asgi"}
+    assert registry.get_sample_value("oncely_stored_response_size_bytes_count", labels) == 1.0

@@ -123,7 +123,10 @@ def _inspect(store: Store, args: argparse.Namespace) -> str:
                 f"(claimed {_when(claimed, now)})"
             )
     else:
-        lines.append(f"replayable until {_when(record.expires_at, now)}")
+        lines.append(
+            f"replayable until {_when(record.expires_at, now)}"
+            + (", over: a tombstone (a repeat gets 410)" if record.expires_at <= now else "")
+        )
     lines.append(f"forgotten  at {_when(record.forget_at, now)}")
     if record.phases:
         lines.append("recovery points:")
@@ -225,6 +228,9 @@ def _purge(store: Store, args: argparse.Namespace) -> str:
             if deleted < args.batch:
                 break
             time.sleep(took if args.pause is None else args.pause)
+    except KeyboardInterrupt:  # each batch commits on its own: what was purged stays purged
+        print(f"oncely purge: stopped; purged {done} expired records", file=sys.stderr)
+        raise
     finally:
         stop()
     return f"purged {done} expired records"
@@ -250,15 +256,43 @@ def _store_options(args: argparse.Namespace) -> dict[str, str]:
     return {n: v for n in ("schema", "table", "prefix") if (v := getattr(args, n, None))}
 
 
+# The options each store takes; a store given another one is a usage error (exit 2).
+_TAKES: dict[str, set[str]] = {
+    "sqlite": {"table"},
+    "postgres": {"schema", "table"},
+    "redis": {"prefix"},
+    "memory": set(),
+}
+
+
 def _run(args: argparse.Namespace) -> str:
+    options = _store_options(args)
+    scheme = args.store.split(":", 1)[0].lower()
+    takes = next((t for name, t in _TAKES.items() if scheme.startswith(name)), None)
+    if takes is not None and (wrong := sorted(set(options) - takes)):
+        raise ConfigurationError(
+            f"a {scheme}: store does not take --{wrong[0]}: --schema is for PostgreSQL, "
+            "--table for SQLite and PostgreSQL, --prefix for Redis"
+        )
     try:
-        store = open_store(args.store, **_store_options(args))
+        store = open_store(args.store, **options)
     except TypeError as exc:
         raise ConfigurationError(
             f"this store does not take that option ({exc}): --schema is for PostgreSQL, "
             "--table for SQLite and PostgreSQL, --prefix for Redis"
         ) from exc
     try:
+        path = store.path if isinstance(store, SQLiteStore) else None
+        if (
+            path is not None
+            and args.command != "migrate"
+            and path != ":memory:"
+            and not os.path.exists(path)
+        ):  # opening it would make an empty one: a typo would read as "no such key"
+            raise Failed(
+                f"no SQLite file at {path!r}: check the path (a relative one starts in the "
+                f"current directory); oncely migrate --store {args.store} makes one"
+            )
         return ACTIONS[args.command](store, args)
     finally:
         store.close()
@@ -355,15 +389,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(args_list)
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)  # its retries: the error says it
     try:
-        print(_run(args))
+        print(_run(args), flush=True)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the reader left (oncely stats | head): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except ConfigurationError as exc:
         print(f"oncely {args.command}: {exc}", file=sys.stderr)
         return 2
     except StoreUnavailable as exc:
-        print(
-            f"oncely {args.command}: {exc}\nCheck the store URL and that the server answers.",
-            file=sys.stderr,
+        hint = (
+            "Check the path (its folder must exist) and that the file is a SQLite database."
+            if args.store.lower().startswith("sqlite:")
+            else "Check the store URL and that the server answers."
         )
+        print(f"oncely {args.command}: {exc}\n{hint}", file=sys.stderr)
         return 1
     except (Failed, OncelyError) as exc:
         print(f"oncely {args.command}: {exc}", file=sys.stderr)

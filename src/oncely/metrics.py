@@ -26,6 +26,7 @@ store is shared and any one worker's answer is the whole truth.
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import threading
 import time
@@ -41,10 +42,13 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 from prometheus_client.utils import floatToGoString
 
+from ._errors import StoreUnavailable
 from ._observe import store_kind
 from .events import OUTCOMES, AsyncInspectable, CountingHook, Inspectable, Outcome, Surface
 
 __all__ = ["OPERATION_BUCKETS", "SIZE_BUCKETS", "InFlightCollector", "Metrics"]
+
+log = logging.getLogger("oncely")
 
 _bound_label: Callable[[float], str] = floatToGoString  # how prometheus-client writes a bound
 
@@ -78,19 +82,32 @@ class InFlightCollector(Collector):
     async def refresh(self) -> None:
         if self.is_async:
             store: AsyncInspectable = self.store  # type: ignore[assignment]
-            self.last = (await store.stats(limit=0)).in_flight
+            try:
+                self.last = (await store.stats(limit=0)).in_flight
+            except StoreUnavailable as exc:
+                self.last = None
+                self._unknown(exc)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         value = self.last
         if not self.is_async:
             store: Inspectable = self.store  # type: ignore[assignment]
-            value = store.stats(limit=0).in_flight
+            try:
+                value = store.stats(limit=0).in_flight
+            except StoreUnavailable as exc:
+                value = None
+                self._unknown(exc)
         gauge = GaugeMetricFamily(
             "oncely_in_flight_keys", "Keys claimed and not yet completed", labels=["store"]
         )
         if value is not None:
             gauge.add_metric([self.kind], value)
         yield gauge
+
+    def _unknown(self, exc: StoreUnavailable) -> None:
+        """The store cannot say: the gauge has no sample this scrape, and the other metrics
+        still render (a scrape that fails whole would hide the outage it should show)."""
+        log.warning("oncely: oncely_in_flight_keys left out of this scrape: %s", exc)
 
 
 class _Family:

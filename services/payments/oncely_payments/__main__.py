@@ -9,6 +9,7 @@ See settings.py for every flag and its environment variable (ONCELY_PAYMENTS_STO
 from __future__ import annotations
 
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +29,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         app = create_app(settings)
     except (ConfigurationError, OSError) as exc:
         print(f"oncely-payments: {exc}", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:  # a SQLite path whose folder is missing, or not a database
+        print(
+            f"oncely-payments: the SQLite database cannot be opened ({exc}): check --store "
+            "and --database (the folder must exist)",
+            file=sys.stderr,
+        )
         return 2
     uvicorn.run(
         app,

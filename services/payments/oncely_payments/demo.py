@@ -139,6 +139,12 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
         prog="python -m oncely_payments.demo",
         description="Payments through a faulty network and a crashing server, then an audit. "
         "Exits 1 if any payment was lost, doubled or answered inconsistently.",
+        epilog="examples (python -m oncely_payments.demo and make demo ARGS='...' take the\n"
+        "same flags):\n"
+        "  oncely demo --intents 500 --crashes 3\n"
+        "  oncely demo --store postgresql://postgres@127.0.0.1:5432/app\n"
+        "  oncely demo --keep      # the dashboard stays up after the audit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     size = p.add_argument_group("size")
     size.add_argument("--intents", type=_positive, default=d.intents, help="payments to make")
@@ -172,6 +178,8 @@ def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     a = p.parse_args(argv)
     if a.decline_rate + a.flaky_rate > 1:
         p.error("--decline-rate and --flaky-rate add up to more than 1")
+    if a.store and not a.store.lower().startswith(("sqlite:", "postgresql:", "postgres:")):
+        p.error(f"--store {a.store!r}: the demo runs on sqlite:PATH or postgresql://...")
     names = {f.name for f in dataclasses.fields(DemoConfig)}
     return DemoConfig(**{k: v for k, v in vars(a).items() if k in names})
 

@@ -1,6 +1,6 @@
 """Settings from command-line flags, then environment variables, then defaults.
 
-    python -m oncely_payments --store sqlite:payments.db --port 8000 --lease 10
+    oncely serve --store sqlite:payments.db --port 8000 --lease 10
 
 | flag | environment variable | default |
 |---|---|---|
@@ -235,8 +235,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m oncely_payments",
         description="The oncely reference payments service (FastAPI; docs at /docs).",
-        epilog=f"Every flag may also be set as an environment variable {ENV_PREFIX}<FLAG>, "
+        epilog="examples (python -m oncely_payments and oncely-payments take the same flags):\n"
+        "  oncely serve --store sqlite:payments.db --port 8000\n"
+        "  oncely serve --store postgresql://postgres@127.0.0.1:5432/app\n"
+        "  oncely serve --store redis://127.0.0.1:6379/0 --database sqlite:l.db\n"
+        "then http://127.0.0.1:8000/dashboard, /metrics and /docs.\n\n"
+        f"Every flag may also be set as an environment variable {ENV_PREFIX}<FLAG>,\n"
         "for example ONCELY_PAYMENTS_STORE or ONCELY_PAYMENTS_PORT.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--store",

@@ -390,6 +390,17 @@ def test_a_rate_above_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None
     assert "between 0 and 1" in capsys.readouterr().err
 
 
+def test_a_store_the_demo_cannot_run_on_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for store in ("redis://127.0.0.1:6379/0", "bogus://x"):
+        with pytest.raises(SystemExit) as exited:
+            parse_args(["--store", store])
+        assert exited.value.code == 2
+        assert "the demo runs on sqlite:PATH or postgresql://" in capsys.readouterr().err
+    assert parse_args(["--store", "postgresql://u@h/db"]).store == "postgresql://u@h/db"
+
+
 def test_crashes_are_spread_over_the_run_in_order() -> None:
     points = crash_points(3, random.Random(4))
     assert points == sorted(points)

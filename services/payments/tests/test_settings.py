@@ -109,3 +109,12 @@ def test_the_module_entry_point_documents_its_flags() -> None:
         "ONCELY_PAYMENTS_STORE",
     ):
         assert flag in result.stdout
+
+
+def test_a_sqlite_path_that_cannot_be_opened_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from oncely_payments.__main__ import main
+
+    assert main(["--store", f"sqlite:{tmp_path / 'no' / 'such' / 'x.db'}"]) == 2
+    assert "the folder must exist" in capsys.readouterr().err

@@ -228,6 +228,9 @@ class AsyncPostgresStore:
                 )
                 try:
                     await pool.open(wait=self._min_size > 0, timeout=self._open_timeout)
+                except PoolTimeout as exc:
+                    await pool.close()
+                    raise await self._why(exc) from exc
                 except BaseException:
                     await pool.close()
                     raise
@@ -237,6 +240,16 @@ class AsyncPostgresStore:
                     await self._migrate(conn, only_if_missing=True)
                 self._ready = True
             return self._pool
+
+    async def _why(self, timed_out: PoolTimeout) -> BaseException:
+        """What one direct connection says when the pool only says it timed out: the server's
+        own words (no such database or role, a refused port) tell what to fix."""
+        try:
+            conn = await psycopg.AsyncConnection.connect(self._conninfo, **self._kwargs)
+        except psycopg.Error as exc:
+            return exc
+        await conn.close()
+        return timed_out
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

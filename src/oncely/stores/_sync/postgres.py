@@ -228,6 +228,9 @@ class PostgresStore:
                 )
                 try:
                     pool.open(wait=self._min_size > 0, timeout=self._open_timeout)
+                except PoolTimeout as exc:
+                    pool.close()
+                    raise self._why(exc) from exc
                 except BaseException:
                     pool.close()
                     raise
@@ -237,6 +240,16 @@ class PostgresStore:
                     self._migrate(conn, only_if_missing=True)
                 self._ready = True
             return self._pool
+
+    def _why(self, timed_out: PoolTimeout) -> BaseException:
+        """What one direct connection says when the pool only says it timed out: the server's
+        own words (no such database or role, a refused port) tell what to fix."""
+        try:
+            conn = psycopg.Connection.connect(self._conninfo, **self._kwargs)
+        except psycopg.Error as exc:
+            return exc
+        conn.close()
+        return timed_out
 
     @contextmanager
     def _connection(self) -> Iterator[psycopg.Connection[Any]]:
