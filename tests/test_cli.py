@@ -107,7 +107,13 @@ async def test_inspect_stats_and_purge_on_every_store(store_args: list[str]) -> 
     counts = json.loads(stats.stdout)
     assert (counts["in_flight"], counts["completed"], counts["tombstones"]) == (1, 1, 0)
     assert [k["attempt"] for k in counts["in_flight_keys"]] == [1]
-    assert "in flight   1" in oncely("stats", *store_args).stdout
+    # The lease's age: since its claim in seed(), as inspect's owner_age says.
+    assert 0 < counts["in_flight_keys"][0]["age"] < 60
+    assert 250 < counts["in_flight_keys"][0]["lease_left"] <= 300
+    human_stats = oncely("stats", *store_args).stdout
+    assert "in flight   1" in human_stats
+    assert re.search(r"oldest lease claimed \d+\.\d s ago", human_stats)
+    assert re.search(r"attempt 1  claimed \d+\.\d s ago  lease ends in \d+", human_stats)
     if "redis" not in store_args[1]:  # Redis forgets by itself (PEXPIRE): nothing to purge
         assert counts["expired"] == 1
     purged = oncely("purge", *store_args, "--expired", "--batch", "1")

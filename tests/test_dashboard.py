@@ -102,6 +102,9 @@ async def test_a_mounted_dashboard_serves_its_page_and_the_numbers_of_a_burst() 
     assert snap["latency_ms"]["p99"] >= snap["latency_ms"]["p50"]
     assert [r["outcome"] for r in snap["recent"]] == ["in_flight", "payload_mismatch"]
     assert snap["store"]["in_flight"] == 1  # the slow one, still held when the page was read
+    (held,) = snap["store"]["keys"]
+    assert 0 <= held["age"] < 30  # claimed during this test
+    assert held["lease_left"] > 0
     assert snap["panels"]["audit"] == {"intended": 4, "duplicates": 0}
     assert snap["panels"]["broken"] == {"error": "RuntimeError: ledger offline"}
     assert KEY not in json.dumps(snap)

@@ -164,8 +164,12 @@ def _stats(store: Store, args: argparse.Namespace) -> str:
     ]
     if stats.oldest_lease_left is not None:
         lines.append(f"oldest lease ends {_ago(stats.oldest_lease_left)}")
+    ages = [k.age for k in stats.in_flight_keys if k.age is not None]
+    if ages:
+        lines.append(f"oldest lease claimed {max(ages):.1f} s ago (of the keys listed)")
     for k in stats.in_flight_keys:
-        lines.append(f"  {k.key_hash}  attempt {k.attempt}  lease ends {_ago(k.lease_left)}")
+        age = "" if k.age is None else f"  claimed {k.age:.1f} s ago"
+        lines.append(f"  {k.key_hash}  attempt {k.attempt}{age}  lease ends {_ago(k.lease_left)}")
     return "\n".join(lines)
 
 

@@ -453,12 +453,14 @@ never raised into the request."""
 
 @dataclass(frozen=True, slots=True)
 class InFlightKey:
-    """One key in flight: its storage key hashed, its attempt, how long it has been claimed and
-    how long its lease has left (negative: expired, a retry will take it over)."""
+    """One key in flight: its storage key hashed, its attempt, how long its lease has left
+    (negative: expired, a retry will take it over) and its lease's age: how long ago its
+    current owner claimed it (None for a claim made before claims carried their time)."""
 
     key_hash: str
     attempt: int
     lease_left: float
+    age: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

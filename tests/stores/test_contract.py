@@ -340,6 +340,11 @@ async def test_stats_count_records_by_state_and_list_the_oldest_leases(backend: 
         pytest.approx(200, abs=5),
     ]
     assert all(k.attempt == 1 for k in seen.in_flight_keys)
+    # Both were claimed 100 s ago (the lease's age), whatever their lease's length.
+    assert [k.age for k in seen.in_flight_keys] == [
+        pytest.approx(100, abs=5),
+        pytest.approx(100, abs=5),
+    ]
     limited = await stats_of(backend).stats(limit=1)
     assert [k.key_hash for k in limited.in_flight_keys] == [key_hash(short)]
     assert limited.in_flight == 2
@@ -347,3 +352,15 @@ async def test_stats_count_records_by_state_and_list_the_oldest_leases(backend: 
     after = await stats_of(backend).stats(limit=0)
     assert (after.in_flight, after.completed, after.tombstones, after.expired) == (2, 1, 1, 0)
     assert after.in_flight_keys == ()
+    # A takeover is a new owner: its lease's age starts again, its attempt counts on.
+    backend.advance(30)
+    await claim(backend, short, lease=60)
+    taken = await stats_of(backend).stats()
+    assert [(k.key_hash, k.attempt) for k in taken.in_flight_keys] == [
+        (key_hash(short), 2),
+        (key_hash(long), 1),
+    ]
+    assert [k.age for k in taken.in_flight_keys] == [
+        pytest.approx(0, abs=5),
+        pytest.approx(130, abs=5),
+    ]

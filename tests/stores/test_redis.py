@@ -375,7 +375,7 @@ async def test_a_resent_claim_owns_the_key_it_wrote(
     store: AsyncRedisStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What the client's retry after a lost answer does: the same script with the same token.
-    monkeypatch.setattr(redis_driver, "new_token", lambda: "f" * 32)
+    monkeypatch.setattr(redis_driver, "new_token", lambda now=None: "f" * 32)
     key = new_key()
     first = await claim(store, key)
     second = await claim(store, key)

@@ -126,7 +126,12 @@ class Dashboard:
                     "expired": stats.expired,
                     "oldest_lease_left": stats.oldest_lease_left,
                     "keys": [
-                        {"key_hash": k.key_hash, "attempt": k.attempt, "lease_left": k.lease_left}
+                        {
+                            "key_hash": k.key_hash,
+                            "attempt": k.attempt,
+                            "lease_left": k.lease_left,
+                            "age": k.age,
+                        }
                         for k in stats.in_flight_keys
                     ],
                 }

@@ -310,7 +310,7 @@ UPDATE {table} AS r SET response = NULL FROM stale WHERE r.key = stale.key
 _STATS = """
 WITH clock AS MATERIALIZED (SELECT {clock} AS now),
 oldest AS MATERIALIZED (
-    SELECT key, attempt, lease_until FROM {table}
+    SELECT key, attempt, lease_until, token FROM {table}
     WHERE state = 'in_flight' AND forget_at > (SELECT now FROM clock)
     ORDER BY lease_until
     LIMIT %(limit)s
@@ -327,7 +327,8 @@ SELECT
     (SELECT now FROM clock),
     (SELECT array_agg(key ORDER BY lease_until) FROM oldest),
     (SELECT array_agg(attempt ORDER BY lease_until) FROM oldest),
-    (SELECT array_agg(lease_until ORDER BY lease_until) FROM oldest)
+    (SELECT array_agg(lease_until ORDER BY lease_until) FROM oldest),
+    (SELECT array_agg(token ORDER BY lease_until) FROM oldest)
 FROM {table} AS r
 """
 

@@ -121,7 +121,7 @@ def claim_rule(
     else:
         attempt, phases = 1, ()
     lease_until = now + lease
-    token = token or new_token()
+    token = token or new_token(now)  # the claim's time on the store's clock, as its lease
     # Positional (the fields in their order): a claim is the hottest rule.
     record = Record(
         key,

@@ -21,8 +21,9 @@ from collections.abc import Iterable
 from .._codec import Record, State
 from .._keys import key_hash
 from ..events import InFlightKey, StoreStats
+from ._rules import claimed_at
 
-__all__ = ["StatsCounter", "key_hash", "stats_of"]
+__all__ = ["StatsCounter", "in_flight_key", "key_hash", "stats_of"]
 
 
 class StatsCounter:
@@ -32,7 +33,8 @@ class StatsCounter:
         self.now, self.limit = now, max(0, limit)
         self.in_flight = self.completed = self.tombstones = self.expired = 0
         self.oldest: float | None = None
-        self._keys: list[tuple[float, str, int]] = []  # a max-heap on lease_until, negated
+        # A max-heap on lease_until, negated: (-lease_until, key, attempt, token).
+        self._keys: list[tuple[float, str, int, str]] = []
 
     def add(
         self,
@@ -42,7 +44,9 @@ class StatsCounter:
         lease_until: float,
         expires_at: float,
         forget_at: float,
+        token: str = "",
     ) -> None:
+        """One record; ``token`` its owner's, which tells when the claim was taken."""
         if forget_at <= self.now:
             self.expired += 1
         elif state is State.IN_FLIGHT:
@@ -50,7 +54,7 @@ class StatsCounter:
             if self.oldest is None or lease_until < self.oldest:
                 self.oldest = lease_until
             if self.limit:
-                entry = (-lease_until, key, attempt)
+                entry = (-lease_until, key, attempt, token)
                 if len(self._keys) < self.limit:
                     heapq.heappush(self._keys, entry)
                 elif entry > self._keys[0]:
@@ -69,13 +73,24 @@ class StatsCounter:
             expired=self.expired,
             oldest_lease_left=None if self.oldest is None else self.oldest - self.now,
             in_flight_keys=tuple(
-                InFlightKey(key_hash(key), attempt, -neg - self.now) for neg, key, attempt in keys
+                in_flight_key(key, attempt, -neg, token, self.now)
+                for neg, key, attempt, token in keys
             ),
         )
+
+
+def in_flight_key(
+    key: str, attempt: int, lease_until: float, token: str, now: float
+) -> InFlightKey:
+    """The listed key in flight, at the store's clock ``now``: its hash, lease left and age."""
+    claimed = claimed_at(token)
+    return InFlightKey(
+        key_hash(key), attempt, lease_until - now, None if claimed is None else now - claimed
+    )
 
 
 def stats_of(records: Iterable[Record], *, now: float, limit: int) -> StoreStats:
     counter = StatsCounter(now, limit)
     for r in records:
-        counter.add(r.key, r.state, r.attempt, r.lease_until, r.expires_at, r.forget_at)
+        counter.add(r.key, r.state, r.attempt, r.lease_until, r.expires_at, r.forget_at, r.token)
     return counter.result()

@@ -39,11 +39,11 @@ from .._codec import (
     record_from_columns,
 )
 from .._errors import ConfigurationError, StoreUnavailable
-from ..events import InFlightKey, StoreStats
+from ..events import StoreStats
 from ._async._io import Batcher
 from ._over_sync import AsyncOverSync
 from ._rules import ABANDONED_RETENTION, claimable, new_token
-from ._stats import key_hash
+from ._stats import in_flight_key
 
 __all__ = ["AsyncSQLiteStore", "SQLiteStore"]
 
@@ -258,7 +258,7 @@ class SQLiteStore:
         self, conn: sqlite3.Connection, key: str, fingerprint: str, *, lease: float
     ) -> Claimed | Existing:
         now = self._clock()
-        token = new_token()
+        token = new_token(now)
         lease_until = now + lease
         row = conn.execute(
             self._claim_sql,
@@ -458,7 +458,7 @@ class SQLiteStore:
                     {"now": now},
                 ).fetchone()
                 keys = conn.execute(
-                    f"SELECT key, attempt, lease_until FROM {t} "
+                    f"SELECT key, attempt, lease_until, token FROM {t} "
                     "WHERE state = 'in_flight' AND forget_at > ? ORDER BY lease_until LIMIT ?",
                     (now, max(0, limit)),
                 ).fetchall()
@@ -472,8 +472,8 @@ class SQLiteStore:
             expired=int(expired),
             oldest_lease_left=None if oldest is None else float(oldest) - now,
             in_flight_keys=tuple(
-                InFlightKey(key_hash(key), int(attempt), float(lease) - now)
-                for key, attempt, lease in keys
+                in_flight_key(key, int(attempt), float(lease), token, now)
+                for key, attempt, lease, token in keys
             ),
         )
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from psycopg_pool.base import AttemptWithBackoff
 
 from ..._codec import Claimed, Existing, Record, StoredResponse, encode_response
 from ..._errors import ConfigurationError, StoreUnavailable
-from ...events import InFlightKey, StoreStats
+from ...events import StoreStats
 from .._postgres_sql import (
     CLAIM_TRIES,
     PURGE_BATCH,
@@ -36,7 +37,7 @@ from .._postgres_sql import (
     threshold_from_text,
 )
 from .._rules import ABANDONED_RETENTION, new_token
-from .._stats import key_hash
+from .._stats import in_flight_key
 from ._io import Batcher, Lock, promptly
 
 __all__ = ["PostgresStore"]
@@ -359,8 +360,13 @@ class PostgresStore:
         except Exception as exc:  # see _unavailable: any failure of the driver or the pool
             raise self._unavailable(exc) from exc
 
+    def _token(self) -> str:
+        """A new fencing token, its claim's time on the store's clock (this machine's clock,
+        moved by ``time_offset`` as the server's is), which a lease's age is read from."""
+        return new_token(time.time() + self.time_offset)
+
     def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
-        params = claim_params(key, fingerprint, new_token(), lease=lease, offset=self.time_offset)
+        params = claim_params(key, fingerprint, self._token(), lease=lease, offset=self.time_offset)
         result: Claimed | Existing = self._submit(_Op("claim", key, params))
         return result
 
@@ -562,7 +568,7 @@ class PostgresStore:
         params = {"limit": max(0, limit), "offset": float(self.time_offset)}
         row = self._fetchone(render_stats(self.schema, self.table), params)
         assert row is not None  # an aggregate without GROUP BY always answers one row
-        in_flight, completed, tombstones, expired, oldest, now, keys, attempts, leases = row
+        in_flight, completed, tombstones, expired, oldest, now, keys, attempts, leases, tokens = row
         return StoreStats(
             in_flight=int(in_flight),
             completed=int(completed),
@@ -570,9 +576,9 @@ class PostgresStore:
             expired=int(expired),
             oldest_lease_left=None if oldest is None else float(oldest) - float(now),
             in_flight_keys=tuple(
-                InFlightKey(key_hash(key), int(attempt), float(lease) - float(now))
-                for key, attempt, lease in zip(
-                    keys or (), attempts or (), leases or (), strict=True
+                in_flight_key(key, int(attempt), float(lease), token, float(now))
+                for key, attempt, lease, token in zip(
+                    keys or (), attempts or (), leases or (), tokens or (), strict=True
                 )
             ),
         )

@@ -10,6 +10,7 @@ those of ``stores/_redis_lua.py``; see ``oncely/stores/redis.py`` for the store 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -239,8 +240,13 @@ class RedisStore:
     def _key(self, key: str) -> bytes:
         return (self.prefix + key).encode(self._encoding, self._encoding_errors)
 
+    def _token(self) -> str:
+        """A new fencing token, its claim's time on the store's clock (this machine's clock,
+        moved by ``time_offset`` as the server's is), which a lease's age is read from."""
+        return new_token(time.time() + self.time_offset)
+
     def claim(self, key: str, fingerprint: str, *, lease: float) -> Claimed | Existing:
-        token = new_token()
+        token = self._token()
         reply = self._eval(
             self._claim,
             self._key(key),
@@ -391,13 +397,13 @@ class RedisStore:
         return counter.result()
 
     def _stats_batch(self, names: list[bytes], counter: StatsCounter) -> None:
-        fields = ["v", "state", "attempt", "lease_until", "expires_at", "forget_at"]
+        fields = ["v", "state", "attempt", "lease_until", "expires_at", "forget_at", "token"]
         with self.client.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hmget(name, fields)
             replies = pipe.execute()
         skip = len(self.prefix.encode(self._encoding, self._encoding_errors))
-        for name, (v, state, attempt, lease_until, expires_at, forget_at) in zip(
+        for name, (v, state, attempt, lease_until, expires_at, forget_at, token) in zip(
             names, replies, strict=True
         ):
             if v != VERSION or None in (state, attempt, lease_until, expires_at, forget_at):
@@ -409,6 +415,7 @@ class RedisStore:
                 float(lease_until),
                 float(expires_at),
                 float(forget_at),
+                token.decode() if token else "",
             )
 
     def close(self) -> None:
