@@ -301,3 +301,30 @@ def test_an_interrupted_purge_says_how_many_it_purged(tmp_path: Path) -> None:
         assert purge.wait(timeout=60) == 130
     assert "stopped; purged 1 expired records" in errors
     assert "Traceback" not in errors
+
+
+async def test_reading_a_postgres_schema_that_is_not_there_creates_nothing() -> None:
+    """inspect, stats and purge on a mistyped --schema say the table is missing (exit 1) and
+    leave the database as it was; migrate makes it, and then they answer."""
+    import psycopg
+
+    async with scratch_schema() as schema:
+        store_args = ["--store", POSTGRES_URL, "--schema", schema]
+        for command in (
+            ["inspect", *store_args, "--tenant", "acme", "--key", "k-1"],
+            ["stats", *store_args],
+            ["purge", *store_args, "--expired"],
+        ):
+            done = oncely(*command)
+            assert done.returncode == 1, done.stderr
+            assert f"no oncely table {schema}.oncely_records in this database" in done.stderr
+            assert "oncely migrate" in done.stderr
+        async with await psycopg.AsyncConnection.connect(POSTGRES_URL) as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)
+            )
+            assert await cur.fetchone() == (0,)
+        assert oncely("migrate", *store_args).returncode == 0
+        stats = oncely("stats", *store_args, "--json")
+        assert stats.returncode == 0, stats.stderr
+        assert json.loads(stats.stdout)["in_flight"] == 0

@@ -297,6 +297,14 @@ def _run(args: argparse.Namespace) -> str:
                 f"no SQLite file at {path!r}: check the path (a relative one starts in the "
                 f"current directory); oncely migrate --store {args.store} makes one"
             )
+        exists = getattr(store, "exists", None)  # PostgreSQL's, which creates nothing
+        if args.command != "migrate" and exists is not None and not exists():
+            # Opening the store would create them: a mistyped --schema would read as "no such key".
+            where = f"{getattr(store, 'schema', '?')}.{getattr(store, 'table', '?')}"
+            raise Failed(
+                f"no oncely table {where} in this database: check --schema and --table; "
+                f"oncely migrate --store URL makes it"
+            )
         return ACTIONS[args.command](store, args)
     finally:
         store.close()

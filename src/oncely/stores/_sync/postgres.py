@@ -261,14 +261,19 @@ class PostgresStore:
         except Exception as exc:  # see _unavailable: any failure of the driver or the pool
             raise self._unavailable(exc) from exc
 
-    def _migrate(self, conn: psycopg.Connection[Any], *, only_if_missing: bool) -> None:
+    def _names(self) -> dict[str, str]:
+        """What the statement that finds the schema, table and indexes asks for."""
         s = self.statements
-        names = {
+        return {
             "schema": s.schema,
             "table": s.table,
             "forget_index": s.forget_index,
             "strip_index": s.strip_index,
         }
+
+    def _migrate(self, conn: psycopg.Connection[Any], *, only_if_missing: bool) -> None:
+        s = self.statements
+        names = self._names()
         if only_if_missing:
             cur = conn.execute(s.existing, names, prepare=False)
             row = cur.fetchone()
@@ -288,6 +293,19 @@ class PostgresStore:
                 conn.execute(s.create_forget_index, prepare=False)
             if not has_strip:
                 conn.execute(s.create_strip_index, prepare=False)
+
+    def exists(self) -> bool:
+        """Whether the store's schema and table are there, asked on a connection of its own:
+        unlike every other call, it never creates them (what a read-only tool asks first)."""
+        s = self.statements
+        names = self._names()
+        try:
+            with psycopg.Connection.connect(self._conninfo, **self._kwargs) as conn:
+                cur = conn.execute(s.existing, names, prepare=False)
+                row = cur.fetchone()
+        except Exception as exc:  # see _unavailable
+            raise self._unavailable(exc) from exc
+        return row is not None and bool(row[0]) and bool(row[1])
 
     def migrate(self) -> None:
         """Create the schema, table and indexes that are missing; safe to run at any time,
