@@ -99,6 +99,10 @@ async def test_inspect_stats_and_purge_on_every_store(store_args: list[str]) -> 
     assert "response   201, 2 bytes" in human.stdout
     assert "content-type: application/json" in human.stdout
     assert "owner " not in human.stdout  # completed: nobody holds it
+    done_json = json.loads(
+        oncely("inspect", *store_args, "--tenant", "acme", "--key", "k-1", "--json").stdout
+    )
+    assert (done_json["state"], done_json["lease_left"]) == ("completed", None)
     unknown = oncely("inspect", *store_args, "--tenant", "other", "--key", "k-1")
     assert unknown.returncode == 1
     assert "no record for key 'k-1' of tenant 'other'" in unknown.stderr

@@ -4,6 +4,8 @@ line's time, and the route labels kept per path."""
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import logging
 import pickle
 from dataclasses import FrozenInstanceError
@@ -73,6 +75,29 @@ def test_the_json_line_time_is_the_records_time_in_utc_iso_format(created: float
     for _ in range(2):  # the date and time of day kept for the second give the same answer
         line = formatter.format(record)
         assert f'"time":"{datetime.fromtimestamp(created, UTC).isoformat()}"' in line
+
+
+def test_the_json_line_carries_the_traceback_and_the_stack_when_the_record_has_them() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JSONFormatter())
+    logger = logging.getLogger("oncely.test-json-stack")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("plain")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed", stack_info=True)
+    finally:
+        logger.removeHandler(handler)
+    plain, failed = (json.loads(line) for line in out.getvalue().splitlines())
+    assert "exception" not in plain
+    assert "stack" not in plain
+    assert failed["exception"].endswith("ValueError: boom")
+    assert failed["stack"].startswith("Stack (most recent call last):")
+    assert "test_the_json_line_carries_the_traceback" in failed["stack"]
 
 
 def test_a_decision_line_goes_through_the_record_factory_and_the_loggers_filters() -> None:

@@ -91,7 +91,8 @@ def _inspect(store: Store, args: argparse.Namespace) -> str:
         "fingerprint_version": version,
         "attempt": record.attempt,
         "lease_until": record.lease_until,
-        "lease_left": record.lease_until - now,
+        # Only a key in flight has a lease; a completed one's lease_until is history.
+        "lease_left": record.lease_until - now if record.state.value == "in_flight" else None,
         "claimed_at": claimed,
         "owner_age": None if claimed is None else now - claimed,
         "expires_at": record.expires_at,

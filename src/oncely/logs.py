@@ -27,7 +27,8 @@ _ENCODER = json.JSONEncoder(default=str, separators=(",", ":"))
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and every ``extra`` field."""
+    """One JSON object per line: time, level, logger, message, every ``extra`` field, and
+    ``exception`` and ``stack`` when the record carries a traceback or ``stack_info``."""
 
     _day: tuple[int, str] = (-1, "")  # a second, and its isoformat() less "+00:00"
 
@@ -59,4 +60,6 @@ class JSONFormatter(logging.Formatter):
                 line[name] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
         return _ENCODER.encode(line)
