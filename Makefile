@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml services/payments/pyproject.toml Makefile
-	$(BIN)/python -m pip install --quiet -e '.[test,postgres,redis,client,chains,metrics,otel]'
+	$(BIN)/python -m pip install --quiet -e '.[test,postgres,redis,client,chains,metrics,otel,cli]'
 	$(BIN)/python -m pip install --quiet -e 'services/payments[postgres]'
 	touch $(STAMP)
 

@@ -52,6 +52,9 @@ examples:
 
 store URLs: memory:, sqlite:PATH, postgresql://..., redis://..., rediss://..., redis+cluster://...
 (default: $ONCELY_STORE, else sqlite:oncely.db). Exit status: 0 ok, 1 failed, 2 usage.
+Key hashes match those of the service's logs, metrics and dashboard when $ONCELY_HASH_SECRET
+is the same here and there (without it each process hashes with a random key). The purge's
+progress bar needs rich (pip install 'oncely[cli]'); without it, a line per batch.
 """
 
 
