@@ -136,7 +136,7 @@ def _seconds(text: str) -> float:
 def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
     d = DemoConfig()
     p = argparse.ArgumentParser(
-        prog="python -m oncely_payments.demo",
+        prog="oncely demo",
         description="Payments through a faulty network and a crashing server, then an audit. "
         "Exits 1 if any payment was lost, doubled or answered inconsistently.",
         epilog="examples (python -m oncely_payments.demo and make demo ARGS='...' take the\n"

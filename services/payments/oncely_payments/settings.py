@@ -93,15 +93,15 @@ class Settings:
 
     def __post_init__(self) -> None:
         scheme = _scheme(self.store)
+        if scheme not in _SQLITE + _POSTGRES + _REDIS:  # first: an unknown scheme is the error
+            raise ValueError(
+                f"store {self.store!r}: sqlite:PATH, postgresql://... or redis://HOST:PORT/DB"
+            )
         if self.database_url is None and scheme not in _SQLITE + _POSTGRES:
             raise ValueError(
                 f"store {self.store!r}: without --database the ledger shares the store's "
                 "database, so the store must be SQL (sqlite:PATH or postgresql://...); give the "
                 "ledger a database of its own with --database sqlite:PATH or postgresql://..."
-            )
-        if scheme not in _SQLITE + _POSTGRES + _REDIS:
-            raise ValueError(
-                f"store {self.store!r}: sqlite:PATH, postgresql://... or redis://HOST:PORT/DB"
             )
         if scheme in _SQLITE:
             sqlite_path(self.store)
@@ -233,7 +233,7 @@ def _convert(name: str, raw: str) -> Any:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m oncely_payments",
+        prog="oncely serve",
         description="The oncely reference payments service (FastAPI; docs at /docs).",
         epilog="examples (python -m oncely_payments and oncely-payments take the same flags):\n"
         "  oncely serve --store sqlite:payments.db --port 8000\n"

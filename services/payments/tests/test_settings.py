@@ -85,6 +85,19 @@ def test_bad_flags_are_refused(argv: list[str], capsys: pytest.CaptureFixture[st
     assert "error" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("store", ["bogus://x", "mongodb://x"])
+def test_an_unknown_store_scheme_is_named_as_such(
+    store: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "give the ledger a database of its own": no database would make it a store."""
+    with pytest.raises(SystemExit):
+        Settings.from_args(["--store", store], {})
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("oncely serve: error:")
+    assert "sqlite:PATH, postgresql://... or redis://HOST:PORT/DB" in err
+    assert "--database" not in err
+
+
 def test_a_bad_environment_variable_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         Settings.from_args([], {"ONCELY_PAYMENTS_PORT": "eighty"})
