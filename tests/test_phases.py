@@ -279,3 +279,48 @@ async def test_a_response_committed_with_the_effect_is_reported_with_its_size(
     assert [(e.outcome, e.response_size) for e in events] == [("executed", len(first.content))]
     labels = {"surface": "asgi"}
     assert registry.get_sample_value("oncely_stored_response_size_bytes_count", labels) == 1.0
+    # The app's own writes are timed as oncely's are: the claim, then the recovery point and
+    # the response written in the app's transactions.
+    assert [(op.name, op.failed) for op in events[0].operations] == [
+        ("claim", False),
+        ("record_phase", False),
+        ("complete", False),
+    ]
+    assert events[0].store_seconds >= sum(op.seconds for op in events[0].operations) * 0.99
+    for operation in ("claim", "record_phase", "complete"):
+        timed = {"store": "sqlite", "operation": operation}
+        count = "oncely_store_operation_duration_seconds_count"
+        assert registry.get_sample_value(count, timed) == 1.0, operation
+
+
+async def test_a_write_in_the_apps_transaction_that_fails_is_timed_as_failed(
+    db: Path, store: AsyncSQLiteStore
+) -> None:
+    """A recovery point whose statement raises (a locked database, a closed connection) is a
+    failed store operation in the decision, and the app sees the error itself."""
+    from oncely.events import Decision
+
+    async def broken(request: Request) -> Response:
+        conn = sqlite3.connect(db)
+        conn.close()  # a closed connection: its execute raises
+        try:
+            current_attempt().record(conn, "created", {"id": "p"})
+        except sqlite3.ProgrammingError:
+            return Response(b"{}", 503)
+        return Response(b"{}", 201)
+
+    events: list[Decision] = []
+    app = IdempotencyMiddleware(
+        Starlette(routes=[Route("/payments", broken, methods=["POST"])]),
+        store=store,
+        tenant=single_tenant,
+        on_decision=events.append,
+    )
+    async with client_for(app) as client:
+        answer = await client.post("/payments", json={}, headers={"Idempotency-Key": "k1"})
+    assert answer.status_code == 503
+    (event,) = events
+    assert [(op.name, op.failed) for op in event.operations][:2] == [
+        ("claim", False),
+        ("record_phase", True),
+    ]

@@ -45,14 +45,20 @@ import contextvars
 import hashlib
 import inspect
 import json
+import time
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal, Protocol, overload, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload, runtime_checkable
 
 from ._codec import Claimed, StoredResponse
 from ._drive import adrive, drive
 from ._errors import ConfigurationError, OncelyError
-from ._flow import Lease, Policy, RecordPhase, write_while_owned
+from ._flow import Complete, Lease, Policy, RecordPhase, write_while_owned
 from .stores import AsyncStore, Store
+
+if TYPE_CHECKING:
+    from ._observe import Watch
+
+_perf_counter = time.perf_counter  # the watch's clock for store operations
 
 __all__ = [
     "Attempt",
@@ -150,9 +156,13 @@ class Attempt:
         header_allowlist: frozenset[str],
         lease: Lease | None = None,
         store_timeout: float = 5.0,
+        watch: Watch | None = None,
     ) -> None:
         self._store = store
         self._claim = claim
+        # The request's watch, told of each write made in the app's own transaction, as of
+        # the writes oncely makes itself (their time, and the size of a response kept).
+        self._watch = watch
         # With the driver's lease, a checkpoint that meets a store blip is tried again while
         # the lease holds: its phase has committed, and losing the point would re-run it.
         self._lease, self._store_timeout = lease, store_timeout
@@ -209,40 +219,58 @@ class Attempt:
         kept = tuple((k.lower(), v) for k, v in headers if k.lower() in self._allowlist)
         return StoredResponse(status=status, headers=kept, body=body)
 
-    def _phase(self, conn: Any, name: str, data: Any) -> tuple[Any, Any, str]:
-        """(statement, parameters, data JSON) recording ``name`` on ``conn``."""
+    def _phase(self, conn: Any, name: str, data: Any) -> tuple[Any, Any, str, RecordPhase]:
+        """(statement, parameters, data JSON, the write) recording ``name`` on ``conn``."""
         store = self._transactional()
         encoded = self._encode(name, data)
         sql, params = store.phase_statement(self._claim, name, encoded)
-        return _statement(conn, store.dialect, sql), params, encoded
+        write = RecordPhase(self._claim, name, encoded)
+        return _statement(conn, store.dialect, sql), params, encoded, write
 
     def _completion(
         self, conn: Any, status: int, headers: Iterable[tuple[str, str]], body: bytes
-    ) -> tuple[Any, Any]:
-        """(statement, parameters) storing this response on ``conn``."""
+    ) -> tuple[Any, Any, Complete]:
+        """(statement, parameters, the write) storing this response on ``conn``."""
         store = self._transactional()
-        sql, params = store.complete_statement(
-            self._claim,
-            self._response(status, headers, body),
-            ttl=self._ttl,
-            tombstone_ttl=self._tombstone_ttl,
+        write = Complete(
+            self._claim, self._response(status, headers, body), self._ttl, self._tombstone_ttl
         )
-        return _statement(conn, store.dialect, sql), params
+        sql, params = store.complete_statement(
+            write.claim, write.response, ttl=write.ttl, tombstone_ttl=write.tombstone_ttl
+        )
+        return _statement(conn, store.dialect, sql), params, write
 
-    def _owned(self, rowcount: int) -> None:
-        if rowcount != 1:
+    def _owned(self, write: Complete | RecordPhase, began: float, result: Any) -> None:
+        """Whether the statement ``write`` ran as (its cursor, or the exception it raised) kept
+        the key owned; the watch is told either way."""
+        owned = not isinstance(result, Exception) and result.rowcount == 1
+        if self._watch is not None:
+            self._watch.operation(write, began, result if isinstance(result, Exception) else owned)
+        if isinstance(result, Exception):
+            raise result
+        if not owned:
             raise LeaseLost(f"key {self.key} was taken over; roll back this transaction")
 
     def record(self, conn: Any, name: str, data: Any = None) -> None:
         """Record recovery point ``name`` on ``conn``, inside your open transaction."""
-        statement, params, encoded = self._phase(conn, name, data)
-        self._owned(conn.execute(statement, params).rowcount)
+        statement, params, encoded, write = self._phase(conn, name, data)
+        began = _perf_counter()
+        try:
+            result = conn.execute(statement, params)
+        except Exception as exc:
+            result = exc
+        self._owned(write, began, result)
         self._phases[name] = json.loads(encoded)
 
     async def arecord(self, conn: Any, name: str, data: Any = None) -> None:
         """``record`` for an async connection (psycopg AsyncConnection, SQLAlchemy AsyncSession)."""
-        statement, params, encoded = self._phase(conn, name, data)
-        self._owned((await conn.execute(statement, params)).rowcount)
+        statement, params, encoded, write = self._phase(conn, name, data)
+        began = _perf_counter()
+        try:
+            result = await conn.execute(statement, params)
+        except Exception as exc:
+            result = exc
+        self._owned(write, began, result)
         self._phases[name] = json.loads(encoded)
 
     def complete(
@@ -252,16 +280,26 @@ class Attempt:
 
         Return exactly this status, these headers and this body from the handler.
         """
-        statement, params = self._completion(conn, status, headers, body)
-        self._owned(conn.execute(statement, params).rowcount)
+        statement, params, write = self._completion(conn, status, headers, body)
+        began = _perf_counter()
+        try:
+            result = conn.execute(statement, params)
+        except Exception as exc:
+            result = exc
+        self._owned(write, began, result)
         self.completed = True
 
     async def acomplete(
         self, conn: Any, status: int, headers: Iterable[tuple[str, str]], body: bytes
     ) -> None:
         """``complete`` for an async connection."""
-        statement, params = self._completion(conn, status, headers, body)
-        self._owned((await conn.execute(statement, params)).rowcount)
+        statement, params, write = self._completion(conn, status, headers, body)
+        began = _perf_counter()
+        try:
+            result = await conn.execute(statement, params)
+        except Exception as exc:
+            result = exc
+        self._owned(write, began, result)
         self.completed = True
 
     async def checkpoint(self, name: str, data: Any = None) -> None:
@@ -322,6 +360,7 @@ class running:  # used as a function: ``with running(...) as attempt``
         lease: Lease | None,
         policy: Policy,
         header_allowlist: frozenset[str],
+        watch: Watch | None = None,
     ) -> None:
         self._attempt = (
             None
@@ -334,6 +373,7 @@ class running:  # used as a function: ``with running(...) as attempt``
                 header_allowlist=header_allowlist,
                 lease=lease,
                 store_timeout=policy.store_timeout,
+                watch=watch,
             )
         )
 

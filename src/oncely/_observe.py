@@ -397,9 +397,6 @@ class Watch:
             if outcome.store_error is not None:
                 return "store_unavailable", None
             if outcome.stored or outcome.deferred:
-                ran = self.ran
-                if self.kept_size is None and type(ran) is Ran and ran.completed:
-                    return "executed", len(ran.body)  # the app kept it in its own transaction
                 return "executed", self.kept_size
             return "released_error", None  # an error status, not kept: the key was freed
         if isinstance(outcome, Replay):

@@ -242,7 +242,8 @@ class _Exchange:
                 k: v for k, v in extensions.items() if k not in _HIDDEN_EXTENSIONS
             }
         mw, policy = self.mw, self.admitted.resolved.policy
-        with running(mw.store, claim, lease, policy, mw.options.header_allowlist) as attempt:
+        allowlist = mw.options.header_allowlist
+        with running(mw.store, claim, lease, policy, allowlist, self.watch) as attempt:
             error: Exception | None = None
             try:
                 await mw.app(scope, self._replay_receive, self._capture_send)

@@ -229,7 +229,7 @@ def idempotent(
                 results: list[Any] = [None]
 
                 async def run(claim: Claimed | None, held: Lease | None) -> Ran | AppFailed:
-                    with running(the_store(), claim, held, policy, _ALLOWLIST):
+                    with running(the_store(), claim, held, policy, _ALLOWLIST, watch):
                         try:
                             value = await fn(*args, **kwargs)  # type: ignore[misc]
                         except Exception as exc:
@@ -254,7 +254,7 @@ def idempotent(
             results: list[Any] = [None]
 
             def run(claim: Claimed | None, held: Lease | None) -> Ran | AppFailed:
-                with running(the_store(), claim, held, policy, _ALLOWLIST):
+                with running(the_store(), claim, held, policy, _ALLOWLIST, watch):
                     try:
                         value = fn(*args, **kwargs)
                     except Exception as exc:

@@ -204,7 +204,8 @@ class _Exchange:
     def _run_app(self, claim: Claimed | None, lease: Lease | None) -> Ran | AppFailed:
         mw, policy = self.mw, self.admitted.resolved.policy
         error: Exception | None = None
-        with running(mw.store, claim, lease, policy, mw.options.header_allowlist) as attempt:
+        allowlist = mw.options.header_allowlist
+        with running(mw.store, claim, lease, policy, allowlist, self.watch) as attempt:
             try:
                 iterable = mw.app(self.environ, self._start)
                 try:
