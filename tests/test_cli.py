@@ -85,7 +85,7 @@ async def test_inspect_stats_and_purge_on_every_store(store_args: list[str]) -> 
     record = json.loads(shown.stdout)
     assert record["state"] == "in_flight"
     assert record["fingerprint_version"] == "v1"
-    assert record["recovery_points"] == [{"name": "payment_created", "data": '{"id": "pay_1"}'}]
+    assert record["recovery_points"] == [{"name": "payment_created", "data": {"id": "pay_1"}}]
     assert 250 < record["lease_left"] <= 300
     # The owner's age: since its claim in seed(), before this test's command started.
     assert 0 < record["owner_age"] < 60

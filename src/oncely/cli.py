@@ -66,6 +66,14 @@ def _ago(seconds: float) -> str:
     return f"in {seconds:.1f} s" if seconds >= 0 else f"{-seconds:.1f} s ago"
 
 
+def _decoded(data: str) -> Any:
+    """A recovery point's data as the app gave it (oncely keeps it as JSON text)."""
+    try:
+        return json.loads(data)
+    except ValueError:  # written by something else than oncely: shown as it is
+        return data
+
+
 def _when(at: float, now: float) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(at))
     return f"{stamp} UTC ({_ago(at - now)})"
@@ -100,7 +108,7 @@ def _inspect(store: Store, args: argparse.Namespace) -> str:
         "owner_age": None if claimed is None else now - claimed,
         "expires_at": record.expires_at,
         "forget_at": record.forget_at,
-        "recovery_points": [{"name": name, "data": data} for name, data in record.phases],
+        "recovery_points": [{"name": n, "data": _decoded(data)} for n, data in record.phases],
         "response": None
         if response is None
         else {
