@@ -143,6 +143,24 @@ def _statement(conn: Any, dialect: str, sql: str) -> Any:
     return sql
 
 
+def _executed(conn: Any, statement: Any, params: Any) -> tuple[float, Any]:
+    """When ``statement`` began on ``conn``, and its cursor or the exception it raised."""
+    began = _perf_counter()
+    try:
+        return began, conn.execute(statement, params)
+    except Exception as exc:
+        return began, exc
+
+
+async def _aexecuted(conn: Any, statement: Any, params: Any) -> tuple[float, Any]:
+    """:func:`_executed` on an async connection."""
+    began = _perf_counter()
+    try:
+        return began, await conn.execute(statement, params)
+    except Exception as exc:
+        return began, exc
+
+
 class Attempt:
     """One run of an idempotent request: its recovery points and its way to move them forward."""
 
@@ -254,23 +272,13 @@ class Attempt:
     def record(self, conn: Any, name: str, data: Any = None) -> None:
         """Record recovery point ``name`` on ``conn``, inside your open transaction."""
         statement, params, encoded, write = self._phase(conn, name, data)
-        began = _perf_counter()
-        try:
-            result = conn.execute(statement, params)
-        except Exception as exc:
-            result = exc
-        self._owned(write, began, result)
+        self._owned(write, *_executed(conn, statement, params))
         self._phases[name] = json.loads(encoded)
 
     async def arecord(self, conn: Any, name: str, data: Any = None) -> None:
         """``record`` for an async connection (psycopg AsyncConnection, SQLAlchemy AsyncSession)."""
         statement, params, encoded, write = self._phase(conn, name, data)
-        began = _perf_counter()
-        try:
-            result = await conn.execute(statement, params)
-        except Exception as exc:
-            result = exc
-        self._owned(write, began, result)
+        self._owned(write, *(await _aexecuted(conn, statement, params)))
         self._phases[name] = json.loads(encoded)
 
     def complete(
@@ -281,12 +289,7 @@ class Attempt:
         Return exactly this status, these headers and this body from the handler.
         """
         statement, params, write = self._completion(conn, status, headers, body)
-        began = _perf_counter()
-        try:
-            result = conn.execute(statement, params)
-        except Exception as exc:
-            result = exc
-        self._owned(write, began, result)
+        self._owned(write, *_executed(conn, statement, params))
         self.completed = True
 
     async def acomplete(
@@ -294,12 +297,7 @@ class Attempt:
     ) -> None:
         """``complete`` for an async connection."""
         statement, params, write = self._completion(conn, status, headers, body)
-        began = _perf_counter()
-        try:
-            result = await conn.execute(statement, params)
-        except Exception as exc:
-            result = exc
-        self._owned(write, began, result)
+        self._owned(write, *(await _aexecuted(conn, statement, params)))
         self.completed = True
 
     async def checkpoint(self, name: str, data: Any = None) -> None:
