@@ -259,8 +259,9 @@ class Attempt:
         return _statement(conn, store.dialect, sql), params, write
 
     def _owned(self, write: Complete | RecordPhase, began: float, result: Any) -> None:
-        """Whether the statement ``write`` ran as (its cursor, or the exception it raised) kept
-        the key owned; the watch is told either way."""
+        """Tell the watch how the statement of ``write`` went (``result``: its cursor, or the
+        exception it raised), then raise that exception, or LeaseLost if the key was taken
+        over (the statement changed no row)."""
         owned = not isinstance(result, Exception) and result.rowcount == 1
         if self._watch is not None:
             self._watch.operation(write, began, result if isinstance(result, Exception) else owned)
